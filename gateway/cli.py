@@ -1,0 +1,207 @@
+"""The ``dicom-gateway`` command: the only place that prints for users and picks exit codes.
+
+Exit codes: 0 success, 1 the operation failed (peer down, bad job), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import DEFAULT_CONFIG_PATH, Config, load
+from gateway.errors import ConfigError, GatewayError, UnknownDestination
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("gateway")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event on stderr; pynetdicom's own chatter only from WARNING up."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _load(args) -> Config:
+    return load(args.config)
+
+
+def cmd_check_config(args) -> int:
+    config = _load(args)
+    print(f"{args.config}: OK ({len(config.destinations)} destination(s), data in {config.node.data_dir})")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    config = _load(args)
+    setup_logging(config.logging.level)
+    from gateway import service
+
+    return service.run(config)
+
+
+def cmd_echo(args) -> int:
+    config = _load(args)
+    from gateway import scu
+
+    start = time.monotonic()
+    scu.echo(config, args.destination)
+    print(f"C-ECHO {args.destination}: Success in {1000 * (time.monotonic() - start):.0f} ms")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    config = _load(args)
+    from gateway import status
+
+    report = status.collect(config, now=time.time())
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(status.render(report))
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    config = _load(args)
+    from gateway import db, queue, scu
+
+    if args.destination is not None:
+        scu.destination(config, args.destination)  # refuse unknown names
+    conn = db.connect(config.db_path)
+    try:
+        with db.transaction(conn):
+            n = queue.retry_failed(conn, args.destination, time.time())
+    finally:
+        conn.close()
+    which = args.destination or "all destinations"
+    print(f"{n} failed item(s) of {which} back to pending")
+    return EXIT_OK
+
+
+def cmd_send(args) -> int:
+    config = _load(args)
+    setup_logging(config.logging.level)
+    from gateway import sendfiles
+
+    report = sendfiles.queue_files(config, args.destination, [Path(p) for p in args.paths])
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(f"{report.queued} instance(s) queued for {args.destination}, {len(report.problems)} skipped")
+    return EXIT_OK if report.queued and not report.problems else EXIT_FAILED
+
+
+def cmd_encode(args) -> int:
+    from gateway import offline
+
+    out = offline.encode_offline(args.array, args.sidecar, args.source, args.output)
+    print(f"wrote {out.path}: {out.summary}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}, relative to the working directory)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="dicom-gateway",
+        description="DICOM gateway: receive over C-STORE, turn AI arrays into DICOM SEG/SC, "
+        "forward to PACS.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run", parents=[common], help="run the gateway in the foreground (SIGTERM/SIGINT stop it)",
+        description="Run the SCP, the inbox poll and the forward senders until SIGTERM or SIGINT.",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "check-config", parents=[common], help="validate the config file and exit",
+        description="Validate the config file; print every mistake as 'key.path: reason, got value' "
+        "and exit 2, or exit 0 when it is valid.",
+    )
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "echo", parents=[common], help="C-ECHO a configured destination",
+        description="Send a C-ECHO to a destination from the config; exit 0 on Success, 1 with the "
+        "reason otherwise.",
+    )
+    p.add_argument("destination", metavar="DEST", help="a name under 'destinations' in the config")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="what is stored, queued, sent and failed",
+        description="Show stored studies/series/instances, inbox jobs, and per destination the "
+        "queue counts, oldest pending age and last error.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (stable keys, see README)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "retry", parents=[common], help="put failed queue items back to pending",
+        description="Put failed items of one destination (or of all) back to pending with their "
+        "attempts reset; a running gateway sends them on its next pass.",
+    )
+    p.add_argument("destination", metavar="DEST", nargs="?", help="only this destination")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser(
+        "send", parents=[common], help="queue DICOM files or folders for a destination",
+        description="Store the given DICOM files (folders are searched recursively) and queue them "
+        "for DEST; a running gateway sends them.",
+    )
+    p.add_argument("destination", metavar="DEST", help="a name under 'destinations' in the config")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="DICOM file or folder")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser(
+        "encode", help="derive a SEG/SC from an array offline, no daemon",
+        description="Do the inbox's derivation offline: read ARRAY (.npy/.npz) and its sidecar, "
+        "find the source series in DICOM_FOLDER, write the derived object to OUT.dcm.",
+    )
+    p.add_argument("array", type=Path, metavar="ARRAY", help=".npy or .npz file")
+    p.add_argument("--sidecar", type=Path, required=True, metavar="YAML", help="the job's sidecar")
+    p.add_argument("--source", type=Path, required=True, metavar="DICOM_FOLDER",
+                   help="folder holding the source series")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.dcm")
+    p.set_defaults(func=cmd_encode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except UnknownDestination as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,312 @@
+"""Typed, frozen configuration, loaded once at start and passed down.
+
+Every mistake in the YAML file is reported as ``key.path: reason, got value``, all of them
+at once, so an admin fixes the file in one go. Unknown keys are mistakes too: a typo must
+never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.yaml")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+_AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_CHARS.match(value) or not value.strip():
+        raise ValueError(
+            "must be 1 to 16 printable ASCII characters, not only spaces and without a backslash"
+        )
+    return value.strip()
+
+
+def _between(low: float, high: float):
+    def check(value):
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+        return value
+
+    return AfterValidator(check)
+
+
+AETitle = Annotated[str, Strict(), AfterValidator(_ae_title)]
+Port = Annotated[int, Strict(), _between(1, 65535)]
+Seconds = Annotated[float, _between(0.001, 86400 * 7)]
+Count = Annotated[int, Strict(), _between(1, 1_000_000)]
+ByteCount = Annotated[int, Strict(), _between(0, 2**62)]
+Host = Annotated[str, Strict(), Field(min_length=1, max_length=253)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Path:
+    """Relative paths resolve against the config file's folder, not the working directory."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class NodeConfig(_Model):
+    ae_title: AETitle = "DICOM-GATEWAY"
+    host: Host = "127.0.0.1"
+    port: Port = 11112
+    data_dir: Path = Path("var")
+    #: Refuse associations whose called AE title is not ``ae_title``.
+    require_called_ae_title: bool = True
+    max_associations: Count = 16
+    #: Largest PDU we accept (and advertise); bounds what one read may buffer.
+    max_pdu_size: Annotated[int, Strict(), _between(4096, 16 * 1024 * 1024)] = 262_144
+    network_timeout_seconds: Seconds = 60.0
+    acse_timeout_seconds: Seconds = 30.0
+    dimse_timeout_seconds: Seconds = 60.0
+
+    _paths = field_validator("data_dir", mode="before")(_resolve)
+
+
+class SecurityConfig(_Model):
+    #: Empty means any calling AE title is accepted.
+    allowed_calling_aets: tuple[AETitle, ...] = ()
+
+
+class StorageConfig(_Model):
+    #: Refuse new instances (0xA700) when the store's disk has less free space than this.
+    min_free_bytes: ByteCount = 2 * 1024**3
+    #: Largest single instance accepted; bigger ones are refused with 0xA700.
+    max_instance_bytes: ByteCount = 4 * 1024**3
+
+
+class InboxConfig(_Model):
+    path: Path = Path("var/inbox")
+    poll_interval_seconds: Seconds = 5.0
+    source_wait_seconds: Annotated[float, _between(0, 86400 * 7)] = 300.0
+    #: Keep empty frames in segmentations (off: frames with no set pixel are left out).
+    keep_empty_frames: bool = False
+
+    _paths = field_validator("path", mode="before")(_resolve)
+
+
+class DestinationConfig(_Model):
+    ae_title: AETitle
+    host: Host
+    port: Port
+
+
+class RoutesConfig(_Model):
+    #: Destinations that receive every derived object.
+    results: tuple[str, ...] = ()
+    #: Destinations that receive every received instance as well.
+    received: tuple[str, ...] = ()
+
+
+class RetryConfig(_Model):
+    max_attempts: Count = 10
+    initial_backoff_seconds: Seconds = 5.0
+    max_backoff_seconds: Seconds = 600.0
+
+
+class ForwardConfig(_Model):
+    #: How often each destination's sender looks for due items.
+    poll_interval_seconds: Seconds = 1.0
+    #: Most items sent over one association before it is released.
+    batch_size: Count = 500
+    connect_timeout_seconds: Seconds = 10.0
+    acse_timeout_seconds: Seconds = 30.0
+    dimse_timeout_seconds: Seconds = 60.0
+    #: Our AE title when we call a destination (default: node.ae_title).
+    calling_ae_title: AETitle | None = None
+
+
+class LoggingConfig(_Model):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+
+class Config(_Model):
+    node: NodeConfig = NodeConfig()
+    security: SecurityConfig = SecurityConfig()
+    storage: StorageConfig = StorageConfig()
+    inbox: InboxConfig = InboxConfig()
+    destinations: dict[str, DestinationConfig] = {}
+    routes: RoutesConfig = RoutesConfig()
+    retry: RetryConfig = RetryConfig()
+    forward: ForwardConfig = ForwardConfig()
+    logging: LoggingConfig = LoggingConfig()
+    #: Where the file was loaded from (set by ``load``; not a YAML key).
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def db_path(self) -> Path:
+        return self.node.data_dir / "gateway.sqlite3"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.node.data_dir / "store"
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.forward.calling_ae_title or self.node.ae_title
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, (dict, list)):
+        text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif str(item) in {"function-after[_ae_title(), constrained-str]"}:
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+_REASONS = {
+    "extra_forbidden": "unknown key (check the spelling against config/gateway.yaml)",
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a text string",
+    "string_too_short": "must not be empty",
+    "string_too_long": "is too long",
+    "dict_type": "must be a mapping of keys to values",
+    "model_type": "must be a mapping of keys to values",
+    "model_attributes_type": "must be a mapping of keys to values",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "path_type": "must be a path",
+}
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
+        kind = err["type"]
+        if kind == "value_error":
+            reason = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+        else:
+            reason = _REASONS.get(kind, err["msg"][0].lower() + err["msg"][1:])
+        line = f"{_key_path(loc)}: {reason}"
+        if kind != "missing":
+            line += f", got {_show(err['input'])}"
+        problems.append(line)
+    return problems
+
+
+def _route_problems(raw: dict) -> list[str]:
+    """Routes must name configured destinations; checked on the raw data so it adds to other mistakes."""
+    problems = []
+    dests = raw.get("destinations") or {}
+    routes = raw.get("routes") or {}
+    if isinstance(dests, dict):
+        for name in dests:
+            if not isinstance(name, str) or not _DEST_NAME.match(name):
+                problems.append(
+                    f"destinations.{name}: destination names must be letters, digits, '_', '-' or '.', "
+                    f"got {_show(name)}"
+                )
+    if isinstance(routes, dict) and isinstance(dests, dict):
+        for route in ("results", "received"):
+            names = routes.get(route) or []
+            if isinstance(names, list):
+                for i, name in enumerate(names):
+                    if isinstance(name, str) and name not in dests:
+                        known = ", ".join(sorted(map(str, dests))) or "none configured"
+                        problems.append(
+                            f"routes.{route}[{i}]: must name a destination under 'destinations' "
+                            f"({known}), got {_show(name)}"
+                        )
+    return problems
+
+
+def parse(raw: Any, base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML data; raise ConfigError listing every mistake."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(top level): must be a mapping of sections, got {_show(raw)}"])
+    problems: list[str] = []
+    config = None
+    # Absent sections are validated as empty ones so their default paths resolve too.
+    sections = ("node", "security", "storage", "inbox", "routes", "retry", "forward", "logging")
+    filled = {name: {} for name in sections}
+    filled.update({k: ({} if v is None and k in sections else v) for k, v in raw.items()})
+    try:
+        config = Config.model_validate(filled, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems.extend(_problems(exc))
+    problems.extend(_route_problems(raw))
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return config
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate the YAML config at ``path``.
+
+    Relative paths in the file resolve against the file's folder. Raises ``ConfigError``
+    with one ``key.path: reason, got value`` line per mistake (all mistakes, not just the
+    first); never returns a partly valid config.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{path}: config file is larger than 1 MiB; is this the right file?"])
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found (pass -c PATH)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    base = path.resolve().parent
+    config = parse(raw, base_dir=base)
+    return config.model_copy(update={"source_path": path.resolve()})

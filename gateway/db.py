@@ -1,0 +1,92 @@
+"""The SQLite database under ``data_dir``: one schema and one ``transaction()`` for index, jobs and queue.
+
+WAL mode lets the CLI's ``status`` read while ``run`` writes; ``synchronous=FULL`` makes a
+committed transaction survive power loss, because Success to a peer promises exactly that.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,       -- relative to data_dir
+    size             INTEGER NOT NULL,
+    calling_ae       TEXT,                -- NULL for derived objects
+    origin           TEXT NOT NULL,       -- 'received' | 'derived' | 'manual'
+    job              TEXT,                -- inbox job name for derived objects
+    received_at      REAL NOT NULL        -- unix time
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+
+CREATE TABLE IF NOT EXISTS queue (
+    id               INTEGER PRIMARY KEY,
+    destination      TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state            TEXT NOT NULL,       -- queue.State: pending | sending | sent | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT,
+    enqueued_at      REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue(destination, state, next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    name             TEXT PRIMARY KEY,    -- inbox job name (file stem)
+    state            TEXT NOT NULL,       -- inbox.JobState: waiting | done | failed
+    first_seen_at    REAL NOT NULL,
+    finished_at      REAL,
+    sop_instance_uid TEXT,                -- the derived object, once done
+    series_uid       TEXT,
+    error            TEXT
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (and create) the database; autocommit mode, transactions only via ``transaction``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return conn
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection | None:
+    """Open an existing database for reading (``status``); None when there is none yet."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception: all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

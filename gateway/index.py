@@ -1,0 +1,79 @@
+"""Instance and job rows: what is stored, series lookups for the inbox, counts for ``status``."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str  # relative to data_dir
+    size: int
+    calling_ae: str | None
+    origin: str  # 'received' | 'derived' | 'manual'
+    received_at: float
+    job: str | None = None
+
+
+def record_instance(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
+    """Insert or replace the row for this SOP Instance UID (a resend replaces, one row stays)."""
+    conn.execute(
+        """INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
+               transfer_syntax, path, size, calling_ae, origin, job, received_at)
+           VALUES (?,?,?,?,?,?,?,?,?,?,?)
+           ON CONFLICT(sop_instance_uid) DO UPDATE SET
+               sop_class_uid=excluded.sop_class_uid, study_uid=excluded.study_uid,
+               series_uid=excluded.series_uid, transfer_syntax=excluded.transfer_syntax,
+               path=excluded.path, size=excluded.size, calling_ae=excluded.calling_ae,
+               origin=excluded.origin, job=excluded.job, received_at=excluded.received_at""",
+        (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
+         rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.origin, rec.job,
+         rec.received_at),
+    )
+
+
+def get_instance(conn: sqlite3.Connection, sop_instance_uid: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+    ).fetchone()
+
+
+def series_instances(conn: sqlite3.Connection, series_uid: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT * FROM instances WHERE series_uid = ? ORDER BY sop_instance_uid", (series_uid,)
+    ).fetchall()
+
+
+def study_instances(conn: sqlite3.Connection, study_uid: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT * FROM instances WHERE study_uid = ? ORDER BY series_uid, sop_instance_uid",
+        (study_uid,),
+    ).fetchall()
+
+
+def absolute_path(data_dir: Path, row: sqlite3.Row) -> Path:
+    return data_dir / row["path"]
+
+
+def store_counts(conn: sqlite3.Connection) -> dict:
+    row = conn.execute(
+        """SELECT COUNT(DISTINCT study_uid) AS studies, COUNT(DISTINCT series_uid) AS series,
+                  COUNT(*) AS instances, COALESCE(SUM(size), 0) AS bytes,
+                  COALESCE(SUM(origin = 'derived'), 0) AS derived
+           FROM instances"""
+    ).fetchone()
+    return dict(row)
+
+
+def job_counts(conn: sqlite3.Connection) -> dict:
+    counts = {"waiting": 0, "done": 0, "failed": 0}
+    for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    return counts

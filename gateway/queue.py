@@ -1,0 +1,183 @@
+"""The durable forward queue: one row per (destination, instance), every state visible.
+
+Enqueueing happens inside the caller's transaction (the one that indexes the instance), so
+an instance is never stored without its queue rows, nor queued without being stored.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import sqlite3
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+
+class State(str, enum.Enum):
+    PENDING = "pending"  # waiting for its next attempt (at next_attempt_at)
+    SENDING = "sending"  # claimed by a sender; goes back to pending if the process dies
+    SENT = "sent"  # the destination answered Success or Warning
+    FAILED = "failed"  # gave up after retry.max_attempts (or a permanent refusal); see last_error
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    destination: str
+    sop_instance_uid: str
+    attempts: int
+    path: str  # relative to data_dir
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+def backoff_seconds(
+    attempts: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Delay before the next try after ``attempts`` failures: exponential, capped, jittered.
+
+    "Full jitter" between half and all of the capped exponential delay, so many items that
+    failed together do not all retry in the same second.
+    """
+    exponent = max(0, attempts - 1)
+    base = min(maximum, initial * (2 ** min(exponent, 60)))
+    return base * (0.5 + 0.5 * rand())
+
+
+def enqueue(
+    conn: sqlite3.Connection, destinations: Iterable[str], sop_instance_uid: str, now: float
+) -> None:
+    """Queue an instance for each destination; a resend of a queued instance is sent again."""
+    for dest in destinations:
+        conn.execute(
+            """INSERT INTO queue (destination, sop_instance_uid, state, attempts, next_attempt_at,
+                                  last_error, enqueued_at, updated_at)
+               VALUES (?, ?, 'pending', 0, ?, NULL, ?, ?)
+               ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET
+                   state = CASE WHEN state = 'sending' THEN state ELSE 'pending' END,
+                   attempts = 0, next_attempt_at = excluded.next_attempt_at,
+                   last_error = NULL, updated_at = excluded.updated_at""",
+            (dest, sop_instance_uid, now, now, now),
+        )
+
+
+def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int) -> list[Item]:
+    """Mark up to ``limit`` due pending items of one destination as sending and return them."""
+    rows = conn.execute(
+        """SELECT q.id, q.destination, q.sop_instance_uid, q.attempts, i.path, i.sop_class_uid,
+                  i.transfer_syntax
+           FROM queue q JOIN instances i ON i.sop_instance_uid = q.sop_instance_uid
+           WHERE q.destination = ? AND q.state = 'pending' AND q.next_attempt_at <= ?
+           ORDER BY q.next_attempt_at, q.id LIMIT ?""",
+        (destination, now, limit),
+    ).fetchall()
+    if rows:
+        conn.executemany(
+            "UPDATE queue SET state = 'sending', updated_at = ? WHERE id = ?",
+            [(now, row["id"]) for row in rows],
+        )
+    return [Item(**dict(row)) for row in rows]
+
+
+def mark_sent(conn: sqlite3.Connection, item_id: int, now: float) -> None:
+    conn.execute(
+        "UPDATE queue SET state = 'sent', attempts = attempts + 1, last_error = NULL, "
+        "updated_at = ? WHERE id = ?",
+        (now, item_id),
+    )
+
+
+def mark_attempt_failed(
+    conn: sqlite3.Connection,
+    item_id: int,
+    error: str,
+    now: float,
+    max_attempts: int,
+    delay: Callable[[int], float],
+    permanent: bool = False,
+) -> State:
+    """Record a failed attempt: back to pending after ``delay(attempts)``, or failed for good."""
+    row = conn.execute("SELECT attempts FROM queue WHERE id = ?", (item_id,)).fetchone()
+    attempts = (row["attempts"] if row else 0) + 1
+    if permanent or attempts >= max_attempts:
+        conn.execute(
+            "UPDATE queue SET state = 'failed', attempts = ?, last_error = ?, updated_at = ? "
+            "WHERE id = ?",
+            (attempts, error, now, item_id),
+        )
+        return State.FAILED
+    conn.execute(
+        "UPDATE queue SET state = 'pending', attempts = ?, last_error = ?, next_attempt_at = ?, "
+        "updated_at = ? WHERE id = ?",
+        (attempts, error, now + delay(attempts), now, item_id),
+    )
+    return State.PENDING
+
+
+def release(conn: sqlite3.Connection, item_ids: Iterable[int], now: float) -> None:
+    """Give claimed items back untouched (shutdown before they were tried)."""
+    conn.executemany(
+        "UPDATE queue SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'sending'",
+        [(now, i) for i in item_ids],
+    )
+
+
+def requeue_stale(conn: sqlite3.Connection, now: float) -> int:
+    """Rows left ``sending`` by a crashed process go back to pending; returns how many."""
+    cur = conn.execute(
+        "UPDATE queue SET state = 'pending', next_attempt_at = ?, updated_at = ? "
+        "WHERE state = 'sending'",
+        (now, now),
+    )
+    return cur.rowcount
+
+
+def retry_failed(conn: sqlite3.Connection, destination: str | None, now: float) -> int:
+    """Put failed items (of one destination, or all) back to pending with fresh attempts."""
+    sql = (
+        "UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? "
+        "WHERE state = 'failed'"
+    )
+    args: list = [now, now]
+    if destination is not None:
+        sql += " AND destination = ?"
+        args.append(destination)
+    return conn.execute(sql, args).rowcount
+
+
+def destination_status(conn: sqlite3.Connection, destinations: Iterable[str], now: float) -> dict:
+    """Per destination: counts per state, oldest pending age (s) and the last error seen."""
+    result = {}
+    names = list(destinations)
+    names += [
+        r["destination"]
+        for r in conn.execute("SELECT DISTINCT destination FROM queue")
+        if r["destination"] not in names
+    ]
+    for name in names:
+        counts = {state.value: 0 for state in State}
+        for row in conn.execute(
+            "SELECT state, COUNT(*) AS n FROM queue WHERE destination = ? GROUP BY state", (name,)
+        ):
+            counts[row["state"]] = row["n"]
+        oldest = conn.execute(
+            "SELECT MIN(enqueued_at) AS t FROM queue WHERE destination = ? "
+            "AND state IN ('pending', 'sending')",
+            (name,),
+        ).fetchone()["t"]
+        last = conn.execute(
+            "SELECT last_error, next_attempt_at FROM queue WHERE destination = ? "
+            "AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        next_due = conn.execute(
+            "SELECT MIN(next_attempt_at) AS t FROM queue WHERE destination = ? AND state = 'pending'",
+            (name,),
+        ).fetchone()["t"]
+        result[name] = {
+            **counts,
+            "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 1),
+            "next_attempt_in_seconds": None if next_due is None else round(max(0.0, next_due - now), 1),
+            "last_error": last["last_error"] if last else None,
+        }
+    return result

@@ -1,0 +1,81 @@
+"""``dicom-gateway run``: wires the SCP, the inbox poll and one sender per destination.
+
+Everything runs in this process: pynetdicom's server threads for receive, an APScheduler
+background scheduler for the inbox poll and the senders (each job never overlaps itself),
+and the main thread waiting for SIGTERM/SIGINT to shut all of it down in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from gateway import db, queue
+from gateway.config import Config
+
+log = logging.getLogger("gateway.service")
+
+
+def run(config: Config, stop: threading.Event | None = None) -> int:
+    """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code."""
+    from gateway import forward, inbox, receive
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+
+    config.node.data_dir.mkdir(parents=True, exist_ok=True)
+    conn = db.connect(config.db_path)
+    try:
+        with db.transaction(conn):
+            stale = queue.requeue_stale(conn, time.time())
+    finally:
+        conn.close()
+    if stale:
+        log.info("requeued %d item(s) left 'sending' by an earlier run", stale)
+
+    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+    senders = {name: forward.Sender(config, name) for name in config.destinations}
+
+    def wake_senders(names) -> None:
+        """Send new work now instead of at the next poll (derived objects: low latency)."""
+        for name in names:
+            job = scheduler.get_job(f"forward:{name}")
+            if job is not None:
+                job.modify(next_run_time=datetime.now(job.trigger.timezone))
+
+    poller = inbox.Inbox(config, on_queued=wake_senders)
+    server = receive.start_server(config, on_queued=wake_senders)
+    log.info(
+        "listening as %s on %s:%d; inbox %s every %gs; destinations: %s",
+        config.node.ae_title, config.node.host, config.node.port, config.inbox.path,
+        config.inbox.poll_interval_seconds, ", ".join(config.destinations) or "none",
+    )
+    now = datetime.now().astimezone()
+    scheduler.add_job(poller.run_once, "interval", seconds=config.inbox.poll_interval_seconds,
+                      id="inbox", next_run_time=now)
+    for name, sender in senders.items():
+        scheduler.add_job(sender.run_once, "interval", seconds=config.forward.poll_interval_seconds,
+                          id=f"forward:{name}", next_run_time=now)
+    scheduler.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down")
+        for sender in senders.values():
+            sender.stop()
+        poller.stop()
+        server.shutdown()
+        scheduler.shutdown(wait=True)
+        for sender in senders.values():
+            sender.close()
+        poller.close()
+        log.info("stopped")
+    return 0

@@ -1,0 +1,72 @@
+"""What ``dicom-gateway status`` reports: read-only, safe while ``run`` is writing.
+
+The JSON keys are a public interface for monitoring scripts (documented in the README):
+add keys freely, never rename or remove one.
+"""
+
+from __future__ import annotations
+
+from gateway import db, index, queue
+from gateway.config import Config
+
+
+def collect(config: Config, now: float) -> dict:
+    conn = db.connect_readonly(config.db_path)
+    empty_store = {"studies": 0, "series": 0, "instances": 0, "bytes": 0, "derived": 0}
+    if conn is None:
+        store, jobs, dests = empty_store, {"waiting": 0, "done": 0, "failed": 0}, {}
+        dests = {
+            name: {**{s.value: 0 for s in queue.State}, "oldest_pending_age_seconds": None,
+                   "next_attempt_in_seconds": None, "last_error": None}
+            for name in config.destinations
+        }
+    else:
+        try:
+            store = index.store_counts(conn)
+            jobs = index.job_counts(conn)
+            dests = queue.destination_status(conn, config.destinations, now)
+        finally:
+            conn.close()
+    totals = {s.value: sum(d[s.value] for d in dests.values()) for s in queue.State}
+    return {
+        "node": {"ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port,
+                 "data_dir": str(config.node.data_dir)},
+        "store": store,
+        "inbox": jobs,
+        "destinations": dests,
+        "queue_totals": totals,
+    }
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(report: dict) -> str:
+    s, j, n = report["store"], report["inbox"], report["node"]
+    lines = [
+        f"node     {n['ae_title']} on {n['host']}:{n['port']}, data in {n['data_dir']}",
+        f"store    {s['studies']} studies, {s['series']} series, {s['instances']} instances "
+        f"({s['derived']} derived), {s['bytes'] / 1e6:.1f} MB",
+        f"inbox    {j['waiting']} waiting, {j['done']} done, {j['failed']} failed",
+    ]
+    if not report["destinations"]:
+        lines.append("queue    no destinations configured")
+    for name, d in report["destinations"].items():
+        line = (
+            f"dest {name}: {d['pending']} pending, {d['sending']} sending, {d['sent']} sent, "
+            f"{d['failed']} failed; oldest pending {_age(d['oldest_pending_age_seconds'])}"
+        )
+        if d["pending"] and d["next_attempt_in_seconds"]:
+            line += f"; next attempt in {_age(d['next_attempt_in_seconds'])}"
+        if d["last_error"]:
+            line += f"; last error: {d['last_error']}"
+        lines.append(line)
+    return "\n".join(lines)
