@@ -40,10 +40,14 @@ def _ae_title(value: str) -> str:
     return value.strip()
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _between(low: float, high: float):
     def check(value):
         if not low <= value <= high:
-            raise ValueError(f"must be between {low:g} and {high:g}")
+            raise ValueError(f"must be between {_num(low)} and {_num(high)}")
         return value
 
     return AfterValidator(check)
