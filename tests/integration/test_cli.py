@@ -33,7 +33,8 @@ def test_every_command_has_help(command):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run(["dicom-gateway", "--help"], capture_output=True, text=True, timeout=60)
+    script = Path(sys.executable).parent / "dicom-gateway"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for command in COMMANDS:
         assert command in result.stdout
