@@ -1,0 +1,699 @@
+"""Source series + array + job -> a DICOM Segmentation or Secondary Capture dataset (pure).
+
+Everything arrives as arguments (source headers, the array, the parsed sidecar, the clock and
+the UID generator), so tests need no files or sockets. Pixel data goes only through
+``encode.set_pixel_data``. Every problem a user can fix raises ``errors.JobError`` with one
+sentence; nothing is written to a dataset until every check has passed.
+
+Frame order: frame k of the array is the k-th source image in ascending position along the
+slice normal (row direction x column direction), the order ITK and SimpleITK read a series.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian
+
+from gateway import __version__, encode
+from gateway.errors import JobError
+from gateway.sidecar import Job, Kind, Segment, default_kind
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MF_SINGLE_BIT_SC = "1.2.840.10008.5.1.4.1.1.7.1"
+MF_GRAYSCALE_BYTE_SC = "1.2.840.10008.5.1.4.1.1.7.2"
+MF_GRAYSCALE_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+MF_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
+
+SOP_CLASS_NAMES = {
+    SEGMENTATION_STORAGE: "Segmentation",
+    SECONDARY_CAPTURE: "Secondary Capture",
+    MF_SINGLE_BIT_SC: "Multi-frame Single Bit Secondary Capture",
+    MF_GRAYSCALE_BYTE_SC: "Multi-frame Grayscale Byte Secondary Capture",
+    MF_GRAYSCALE_WORD_SC: "Multi-frame Grayscale Word Secondary Capture",
+    MF_TRUE_COLOR_SC: "Multi-frame True Color Secondary Capture",
+}
+
+DEFAULT_SERIES_NUMBER = 900
+#: Positions closer than this (mm) along the normal are the same plane.
+_SAME_PLANE_MM = 1e-3
+_ORIENTATION_TOLERANCE = 1e-4
+
+# Patient and study attributes copied from the source (type 2 ones written empty when absent).
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_OPTIONAL_COPIED = (
+    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
+    "PatientBirthTime", "PatientComments", "EthnicGroup", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "StudyDescription", "IssuerOfAccessionNumberSequence", "ProcedureCodeSequence",
+    "PatientAge", "PatientSize", "PatientWeight",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a derivation needs besides its inputs: names, clock, UIDs and switches."""
+
+    job_name: str
+    now: datetime
+    new_uid: Callable[[], str]
+    keep_empty_frames: bool = False
+    manufacturer: str = "dicom-gateway"
+    model_name: str = "dicom-gateway"
+    device_serial_number: str = "1"
+    software_version: str = __version__
+
+
+@dataclass(frozen=True)
+class Derived:
+    dataset: Dataset
+    kind: Kind
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    frames: int
+    segments: int = 0
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """One image plane of the source series: which instance (and frame) and where it lies."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None  # 1-based, for multi-frame sources
+    position: tuple[float, float, float]
+    position_value: list = field(compare=False)  # the source's own DS values, written back as-is
+    distance: float = 0.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The source series' planes in ascending order along the slice normal."""
+
+    frames: list[SourceFrame]
+    orientation: list
+    pixel_spacing: list | None
+    slice_thickness: object | None
+    spacing_between_slices: float | None
+    rows: int
+    columns: int
+    frame_of_reference_uid: str | None
+    series_instance_uid: str
+
+
+# --------------------------------------------------------------------------- source geometry
+
+
+def _plane_attr(ds: Dataset, frame_item: Dataset | None, sequence: str, attr: str):
+    """An attribute from the per-frame item, the shared item, or the top level (classic images)."""
+    for holder in (frame_item, _first(ds, "SharedFunctionalGroupsSequence")):
+        if holder is not None:
+            item = _first(holder, sequence)
+            if item is not None and attr in item:
+                return item[attr].value
+    return ds.get(attr)
+
+
+def _first(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None or keyword not in ds:
+        return None
+    seq = ds[keyword].value
+    return seq[0] if seq else None
+
+
+def _normal(orientation) -> np.ndarray:
+    values = np.asarray([float(v) for v in orientation], dtype=float)
+    return np.cross(values[:3], values[3:])
+
+
+def source_geometry(sources: Sequence[Dataset]) -> Geometry:
+    """Check that the source images form one stack of parallel planes and order them.
+
+    Accepts a classic series (one image per instance) or one multi-frame instance whose
+    functional groups carry the plane positions.
+    """
+    if not sources:
+        raise JobError("the source series has no images in the gateway's store")
+    first = sources[0]
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in sources}
+    if len(series_uids) != 1:
+        raise JobError("the source images belong to more than one series")
+    frames: list[SourceFrame] = []
+    orientation = None
+    spacing = thickness = None
+    sizes = set()
+    frame_refs = set()
+    for ds in sources:
+        sizes.add((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))))
+        frame_refs.add(ds.get("FrameOfReferenceUID"))
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        items: list[tuple[Dataset | None, int | None]]
+        if per_frame is not None and n > 1:
+            items = [(per_frame[i] if i < len(per_frame) else None, i + 1) for i in range(n)]
+        elif per_frame is not None:
+            items = [(per_frame[0] if per_frame else None, None)]
+        elif n > 1:
+            raise JobError(
+                f"source instance {ds.SOPInstanceUID} has {n} frames but no per-frame plane "
+                "positions, so its frames cannot be placed; use kind: secondary_capture"
+            )
+        else:
+            items = [(None, None)]
+        for item, number in items:
+            pos = _plane_attr(ds, item, "PlanePositionSequence", "ImagePositionPatient")
+            ori = _plane_attr(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")
+            if pos is None or ori is None or len(pos) != 3 or len(ori) != 6:
+                raise JobError(
+                    f"source image {ds.SOPInstanceUID} has no Image Position/Orientation (Patient), "
+                    "so a segmentation cannot be placed on it; use kind: secondary_capture"
+                )
+            if orientation is None:
+                orientation = list(ori)
+            elif not np.allclose([float(v) for v in ori], [float(v) for v in orientation],
+                                 atol=_ORIENTATION_TOLERANCE):
+                raise JobError(
+                    "the source series mixes image orientations, so it is not one stack of "
+                    "parallel slices; a segmentation needs one"
+                )
+            if spacing is None:
+                spacing = _plane_attr(ds, item, "PixelMeasuresSequence", "PixelSpacing")
+                thickness = _plane_attr(ds, item, "PixelMeasuresSequence", "SliceThickness")
+            frames.append(SourceFrame(
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                frame_number=number,
+                position=tuple(float(v) for v in pos),
+                position_value=list(pos),
+            ))
+    if len(sizes) != 1:
+        raise JobError("the source images differ in rows and columns; a segmentation needs one size")
+    if len(frame_refs) != 1:
+        raise JobError("the source images differ in Frame of Reference UID")
+    normal = _normal(orientation)
+    frames = [
+        SourceFrame(f.sop_class_uid, f.sop_instance_uid, f.frame_number, f.position,
+                    f.position_value, float(np.dot(normal, f.position)))
+        for f in frames
+    ]
+    frames.sort(key=lambda f: f.distance)
+    gaps = np.diff([f.distance for f in frames])
+    if len(gaps) and float(gaps.min()) < _SAME_PLANE_MM:
+        raise JobError(
+            "two source images lie in the same plane (duplicate positions), so the frame order "
+            "is ambiguous; send one image per position"
+        )
+    between = None
+    if len(gaps) and float(gaps.max() - gaps.min()) < 0.01:
+        between = round(float(gaps.mean()), 6)
+    rows, columns = sizes.pop()
+    return Geometry(
+        frames=frames, orientation=orientation, pixel_spacing=spacing, slice_thickness=thickness,
+        spacing_between_slices=between, rows=rows, columns=columns,
+        frame_of_reference_uid=frame_refs.pop(),
+        series_instance_uid=str(first.SeriesInstanceUID),
+    )
+
+
+# --------------------------------------------------------------------------- array checks
+
+_SC_DTYPES = {"bool", "uint8", "int8", "uint16", "int16"}
+
+
+def _value_range(arr: np.ndarray) -> tuple[int, int]:
+    if arr.size == 0:
+        return 0, 0
+    return int(arr.min()), int(arr.max())
+
+
+def _check_bits(arr: np.ndarray, bits_stored: int) -> None:
+    if arr.dtype.kind == "b":
+        return
+    low, high = _value_range(arr)
+    if arr.dtype.kind == "i" and low < 0:
+        lo_ok, hi_ok = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+    else:
+        lo_ok, hi_ok = 0, 2**bits_stored - 1
+    if low < lo_ok or high > hi_ok:
+        raise JobError(
+            f"the array's values run from {low} to {high}, outside the {lo_ok} to {hi_ok} that "
+            f"bits_stored {bits_stored} allows; raise bits_stored or rescale the values"
+        )
+
+
+def _check_dtype(arr: np.ndarray, kind: Kind) -> None:
+    dt = arr.dtype
+    if dt.kind == "f":
+        raise JobError(
+            f"the array is {dt} (floating point); DICOM SEG and Secondary Capture need integers "
+            "or bool, so threshold or round it (bool mask, uint8/uint16 labels or values) first"
+        )
+    if dt.kind not in "biu":
+        raise JobError(
+            f"the array's dtype {dt} is not supported; use bool, uint8, int8, uint16 or int16"
+        )
+    if kind is Kind.SECONDARY_CAPTURE and dt.name not in _SC_DTYPES:
+        raise JobError(
+            f"the array's dtype {dt} is too wide for a secondary capture; use bool, uint8, int8, "
+            "uint16 or int16"
+        )
+
+
+# --------------------------------------------------------------------------- shared modules
+
+
+def _code(scheme: str, value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _da(now: datetime) -> str:
+    return now.strftime("%Y%m%d")
+
+
+def _tm(now: datetime) -> str:
+    return now.strftime("%H%M%S.%f")
+
+
+def _patient_and_study(ds: Dataset, source: Dataset) -> None:
+    if "SpecificCharacterSet" in source:
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    for keyword in _TYPE2_COPIED:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+        else:
+            setattr(ds, keyword, "")
+    for keyword in _OPTIONAL_COPIED:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+    ds.StudyInstanceUID = source.StudyInstanceUID
+
+
+def _content_label(job_name: str) -> str:
+    label = re.sub(r"[^A-Z0-9_ ]", "_", job_name.upper())[:16].strip()
+    return label or "AI_RESULT"
+
+
+def _common(ds: Dataset, source: Dataset, job: Job, opts: Options, sop_class: str,
+            modality: str, series_uid: str, sop_uid: str) -> None:
+    """SOP Common, Patient, General Study, General Series, General Equipment."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = _da(opts.now)
+    ds.InstanceCreationTime = _tm(opts.now)
+    _patient_and_study(ds, source)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = job.series_number if job.series_number is not None else DEFAULT_SERIES_NUMBER
+    ds.SeriesDate = _da(opts.now)
+    ds.SeriesTime = _tm(opts.now)
+    ds.SeriesDescription = job.series_description or f"dicom-gateway {opts.job_name}"[:64]
+    ds.InstanceNumber = 1
+    ds.ContentDate = _da(opts.now)
+    ds.ContentTime = _tm(opts.now)
+    ds.Manufacturer = opts.manufacturer
+    ds.ManufacturerModelName = opts.model_name
+    ds.DeviceSerialNumber = opts.device_serial_number
+    ds.SoftwareVersions = opts.software_version
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def _segment_item(number: int, seg: Segment) -> Dataset:
+    item = Dataset()
+    item.SegmentNumber = number
+    item.SegmentLabel = seg.label
+    item.SegmentedPropertyCategoryCodeSequence = [
+        _code(seg.category.scheme, seg.category.value, seg.category.meaning)
+    ]
+    item.SegmentedPropertyTypeCodeSequence = [
+        _code(seg.type.scheme, seg.type.value, seg.type.meaning)
+    ]
+    item.SegmentAlgorithmType = seg.algorithm_type
+    if seg.algorithm_type != "MANUAL":
+        item.SegmentAlgorithmName = seg.algorithm_name
+    return item
+
+
+def _label_planes(arr: np.ndarray, job: Job) -> tuple[list[Segment], Callable[[int], np.ndarray]]:
+    """The segment descriptions and a function giving segment k's boolean stack."""
+    if arr.dtype.kind == "b":
+        if job.segments is not None and len(job.segments) != 1:
+            raise JobError(
+                f"a bool mask is one segment, but the sidecar describes {len(job.segments)}; "
+                "give one segment or send an integer label map"
+            )
+        segments = list(job.segments or [Segment(label="Segment 1")])
+        return segments, lambda k: arr
+    low, high = _value_range(arr)
+    if low < 0:
+        raise JobError(
+            f"the label map holds the negative value {low}; labels are 0 (background) and "
+            "1 to N for the N segments"
+        )
+    if job.segments is not None:
+        if high > len(job.segments):
+            raise JobError(
+                f"the label map holds the value {high} but the sidecar describes "
+                f"{len(job.segments)} segment(s) (values 1 to {len(job.segments)}); add the "
+                "missing segments"
+            )
+        segments = list(job.segments)
+    else:
+        if high > 255:
+            raise JobError(
+                f"the label map holds the value {high}; describe its segments in the sidecar "
+                "(at most 255)"
+            )
+        segments = [Segment(label=f"Segment {k}") for k in range(1, max(high, 1) + 1)]
+    return segments, lambda k: arr == k
+
+
+def _segmentation(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
+    if not job.source.series_instance_uid:
+        raise JobError(
+            "a segmentation needs source.series_instance_uid in the sidecar (the series the "
+            "mask was computed on)"
+        )
+    geo = source_geometry(sources)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.ndim != 3:
+        raise JobError(
+            f"a segmentation array must be (frames, rows, columns), got shape {arr.shape}"
+        )
+    want = (len(geo.frames), geo.rows, geo.columns)
+    if arr.shape != want:
+        raise JobError(
+            f"the array's shape {arr.shape} does not match the source series' (frames, rows, "
+            f"columns) {want}; frame k must be the k-th slice in ascending position"
+        )
+    segments, planes = _label_planes(arr, job)
+
+    # Which (segment, source plane) pairs become frames: segment-major, then position.
+    chosen: list[tuple[int, int]] = []
+    stacks = []
+    for number in range(1, len(segments) + 1):
+        stack = planes(number)
+        stacks.append(stack)
+        occupied = stack.reshape(stack.shape[0], -1).any(axis=1)
+        for k in range(stack.shape[0]):
+            if opts.keep_empty_frames or occupied[k]:
+                chosen.append((number, k))
+    if not chosen:
+        chosen = [(1, 0)]  # nothing segmented: one empty frame keeps the object valid
+    pixels = np.stack([stacks[number - 1][k] for number, k in chosen]).astype(bool)
+
+    source = sources[0]
+    series_uid, sop_uid, dim_uid = opts.new_uid(), opts.new_uid(), opts.new_uid()
+    ds = Dataset()
+    _common(ds, source, job, opts, SEGMENTATION_STORAGE, "SEG", series_uid, sop_uid)
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    if geo.frame_of_reference_uid:
+        ds.FrameOfReferenceUID = geo.frame_of_reference_uid
+        ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")
+    ds.ContentLabel = _content_label(opts.job_name)
+    ds.ContentDescription = f"AI result {opts.job_name}"[:64]
+    ds.ContentCreatorName = ""
+    ds.LossyImageCompression = "00"
+    ds.SegmentationType = "BINARY"
+    ds.SegmentSequence = [_segment_item(k, seg) for k, seg in enumerate(segments, start=1)]
+    ds.SegmentsOverlap = "NO" if len(segments) == 1 or arr.dtype.kind != "b" else "UNDEFINED"
+
+    # Common Instance Reference: every source instance of the series.
+    seen: dict[str, str] = {}
+    for f in geo.frames:
+        seen.setdefault(f.sop_instance_uid, f.sop_class_uid)
+    refs = []
+    for uid, cls in seen.items():
+        item = Dataset()
+        item.ReferencedSOPClassUID = cls
+        item.ReferencedSOPInstanceUID = uid
+        refs.append(item)
+    series_item = Dataset()
+    series_item.ReferencedInstanceSequence = refs
+    series_item.SeriesInstanceUID = geo.series_instance_uid
+    ds.ReferencedSeriesSequence = [series_item]
+
+    # Multi-frame Dimension: segment number, then position.
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = [org]
+    ds.DimensionOrganizationType = "3D"
+    dims = []
+    for pointer, group, label in (
+        (Tag(0x0062, 0x000B), Tag(0x0062, 0x000A), "Referenced Segment Number"),
+        (Tag(0x0020, 0x0032), Tag(0x0020, 0x9113), "Image Position Patient"),
+    ):
+        item = Dataset()
+        item.DimensionOrganizationUID = dim_uid
+        item.DimensionIndexPointer = pointer
+        item.FunctionalGroupPointer = group
+        item.DimensionDescriptionLabel = label
+        dims.append(item)
+    ds.DimensionIndexSequence = dims
+
+    shared = Dataset()
+    orient = Dataset()
+    orient.ImageOrientationPatient = geo.orientation
+    shared.PlaneOrientationSequence = [orient]
+    measures = Dataset()
+    if geo.pixel_spacing is not None:
+        measures.PixelSpacing = geo.pixel_spacing
+    if geo.slice_thickness is not None:
+        measures.SliceThickness = geo.slice_thickness
+    if geo.spacing_between_slices is not None:
+        measures.SpacingBetweenSlices = geo.spacing_between_slices
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+
+    per_frame = []
+    for number, k in chosen:
+        f = geo.frames[k]
+        item = Dataset()
+        src = Dataset()
+        src.ReferencedSOPClassUID = f.sop_class_uid
+        src.ReferencedSOPInstanceUID = f.sop_instance_uid
+        if f.frame_number is not None:
+            src.ReferencedFrameNumber = f.frame_number
+        src.SpatialLocationsPreserved = "YES"
+        src.PurposeOfReferenceCodeSequence = [
+            _code("DCM", "121322", "Source image for image processing operation")
+        ]
+        derivation = Dataset()
+        derivation.SourceImageSequence = [src]
+        derivation.DerivationCodeSequence = [_code("DCM", "113076", "Segmentation")]
+        item.DerivationImageSequence = [derivation]
+        content = Dataset()
+        content.DimensionIndexValues = [number, k + 1]
+        item.FrameContentSequence = [content]
+        position = Dataset()
+        position.ImagePositionPatient = f.position_value
+        item.PlanePositionSequence = [position]
+        ident = Dataset()
+        ident.ReferencedSegmentNumber = number
+        item.SegmentIdentificationSequence = [ident]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+
+    encode.set_pixel_data(ds, pixels, "MONOCHROME2", 1, generate_instance_uid=False)
+    ds.NumberOfFrames = len(chosen)
+    ds.SOPInstanceUID = sop_uid
+    summary = (
+        f"Segmentation, {len(segments)} segment(s), {len(chosen)} frame(s) of "
+        f"{geo.rows}x{geo.columns} on series {geo.series_instance_uid}"
+    )
+    return Derived(ds, Kind.SEGMENTATION, SEGMENTATION_STORAGE, sop_uid, series_uid,
+                   str(source.StudyInstanceUID), len(chosen), len(segments), summary)
+
+
+# --------------------------------------------------------------------------- secondary capture
+
+
+def _sc_layout(arr: np.ndarray, job: Job) -> tuple[np.ndarray, str, int, bool]:
+    """Normalize to (frames, rows, columns[, 3]); return it, photometric, bits stored, color."""
+    photometric = job.photometric_interpretation
+    if photometric is None:
+        photometric = "RGB" if arr.ndim == 4 and arr.shape[-1] == 3 else "MONOCHROME2"
+    color = photometric == "RGB"
+    if color:
+        if arr.ndim == 3 and arr.shape[-1] == 3:
+            arr = arr[np.newaxis]
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise JobError(
+                f"an RGB secondary capture needs shape (frames, rows, columns, 3) or (rows, "
+                f"columns, 3), got {arr.shape}"
+            )
+        if arr.dtype != np.uint8:
+            raise JobError(f"an RGB secondary capture needs a uint8 array, got {arr.dtype}")
+        bits = job.bits_stored or 8
+        if bits != 8:
+            raise JobError(f"an RGB secondary capture stores 8 bits per sample, not bits_stored {bits}")
+        return arr, photometric, 8, True
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.ndim != 3:
+        raise JobError(
+            f"a grayscale secondary capture needs shape (frames, rows, columns) or (rows, "
+            f"columns), got {arr.shape}"
+        )
+    default_bits = 1 if arr.dtype.kind == "b" else arr.dtype.itemsize * 8
+    bits = job.bits_stored or default_bits
+    if bits > arr.dtype.itemsize * 8 and arr.dtype.kind != "b":
+        raise JobError(f"bits_stored {bits} is more than the array's {arr.dtype} holds")
+    return arr, photometric, bits, False
+
+
+def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
+    if not sources:
+        raise JobError("the source study has no images in the gateway's store")
+    arr, photometric, bits, color = _sc_layout(arr, job)
+    _check_bits(arr, bits)
+    frames, rows, columns = arr.shape[:3]
+    if arr.dtype.kind == "b" and bits != 1:
+        raise JobError(f"a bool array is stored with 1 bit, not bits_stored {bits}")
+    intercept = 0
+    if arr.dtype.kind == "i" and not color:
+        low, _ = _value_range(arr)
+        unsigned = np.uint8 if arr.dtype.itemsize == 1 else np.uint16
+        if low < 0 and frames > 1:
+            # Multi-frame SCs store unsigned pixels only: shift by 2^(bits-1) and say so in
+            # Rescale Intercept, so the modality LUT gives the original values back.
+            intercept = -(2 ** (bits - 1))
+            arr = (arr.astype(np.int32) - intercept).astype(unsigned)
+        elif low >= 0:
+            arr = arr.astype(unsigned)
+    if frames == 1:
+        sop_class = SECONDARY_CAPTURE
+    elif color:
+        sop_class = MF_TRUE_COLOR_SC
+    elif arr.dtype.kind == "b" or bits == 1:
+        sop_class = MF_SINGLE_BIT_SC
+    elif arr.dtype.itemsize == 1:
+        sop_class = MF_GRAYSCALE_BYTE_SC
+    else:
+        sop_class = MF_GRAYSCALE_WORD_SC
+    if sop_class == MF_GRAYSCALE_WORD_SC and bits < 9:
+        arr = arr.astype(np.uint8)
+        sop_class = MF_GRAYSCALE_BYTE_SC
+    if sop_class == MF_SINGLE_BIT_SC:
+        arr = arr.astype(bool)
+        bits = 1
+    if sop_class == MF_GRAYSCALE_BYTE_SC and bits != 8:
+        raise JobError(
+            f"a multi-frame grayscale byte secondary capture stores 8 bits, not bits_stored {bits}"
+        )
+    if sop_class != SECONDARY_CAPTURE and photometric == "MONOCHROME1":
+        raise JobError(
+            "multi-frame secondary captures are MONOCHROME2 only; invert the values and use "
+            "photometric_interpretation: MONOCHROME2"
+        )
+
+    geo = None
+    if job.source.series_instance_uid and sources:
+        try:
+            geo = source_geometry(sources)
+        except JobError:
+            geo = None
+        if geo is not None and len(geo.frames) != frames:
+            geo = None  # not one frame per source slice: no per-frame references
+    source = sources[0]
+    series_uid, sop_uid = opts.new_uid(), opts.new_uid()
+    ds = Dataset()
+    _common(ds, source, job, opts, sop_class, "OT", series_uid, sop_uid)
+    ds.Laterality = source.get("Laterality", "")
+    ds.ConversionType = "WSD"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = f"AI result {opts.job_name}"[:1024]
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.DateOfSecondaryCapture = _da(opts.now)
+    ds.TimeOfSecondaryCapture = _tm(opts.now)
+    if geo is not None:
+        refs = []
+        for f in geo.frames:
+            item = Dataset()
+            item.ReferencedSOPClassUID = f.sop_class_uid
+            item.ReferencedSOPInstanceUID = f.sop_instance_uid
+            if f.frame_number is not None:
+                item.ReferencedFrameNumber = f.frame_number
+            refs.append(item)
+        ds.SourceImageSequence = refs
+    if sop_class != SECONDARY_CAPTURE:
+        if geo is not None:
+            ds.FrameIncrementPointer = Tag(0x0018, 0x2005)  # Slice Location Vector
+            ds.SliceLocationVector = [round(f.distance, 6) for f in geo.frames]
+        else:
+            ds.FrameIncrementPointer = Tag(0x0018, 0x2001)  # Page Number Vector
+            ds.PageNumberVector = list(range(1, frames + 1))
+        if not color and bits > 1:
+            ds.PresentationLUTShape = "IDENTITY"
+            ds.RescaleIntercept = intercept
+            ds.RescaleSlope = 1
+            ds.RescaleType = "US"
+
+    pixels = arr[0] if frames == 1 else arr
+    encode.set_pixel_data(ds, pixels, photometric, bits, generate_instance_uid=False)
+    if sop_class != SECONDARY_CAPTURE:
+        ds.NumberOfFrames = frames
+    ds.SOPInstanceUID = sop_uid
+    name = SOP_CLASS_NAMES[sop_class]
+    summary = f"{name}, {frames} frame(s) of {rows}x{columns}, {photometric}, {bits} bit(s)"
+    if intercept:
+        summary += f", values shifted by {-intercept} (Rescale Intercept {intercept})"
+    return Derived(ds, Kind.SECONDARY_CAPTURE, sop_class, sop_uid, series_uid,
+                   str(source.StudyInstanceUID), frames, 0, summary)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def derive(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
+    """Build the derived dataset for one job.
+
+    ``sources``: the source series' instances (headers are enough; pixel data is never read),
+    or for a secondary capture with only ``source.study_instance_uid``, any instance of the
+    study. Raises ``JobError`` when the array, sidecar and sources do not fit together.
+    """
+    kind = default_kind(job, arr.dtype.kind)
+    _check_dtype(arr, kind)
+    if job.bits_stored is not None:
+        _check_bits(arr, job.bits_stored)
+    if arr.size == 0:
+        raise JobError(f"the array is empty (shape {arr.shape})")
+    if kind is Kind.SEGMENTATION:
+        if job.photometric_interpretation not in (None, "MONOCHROME2"):
+            raise JobError(
+                "a segmentation is always MONOCHROME2; drop photometric_interpretation or use "
+                "kind: secondary_capture"
+            )
+        return _segmentation(sources, arr, job, opts)
+    if job.segments is not None and job.kind is Kind.SECONDARY_CAPTURE:
+        raise JobError("segments describe a segmentation; drop them or use kind: segmentation")
+    return _secondary_capture(sources, arr, job, opts)
