@@ -357,6 +357,9 @@ def _c_order_chunks(arr: np.ndarray) -> Iterator[np.ndarray]:
     if arr.size <= _PACK_CHUNK or arr.ndim == 1:
         yield np.ascontiguousarray(arr).reshape(-1)
         return
+    if arr.shape[0] == 1:
+        yield from _c_order_chunks(arr[0])
+        return
     k = max(1, _PACK_CHUNK // (arr.size // arr.shape[0]))
     for start in range(0, arr.shape[0], k):
         yield from _c_order_chunks(arr[start : start + k])
