@@ -1,31 +1,485 @@
-"""The AI result inbox: finds ready jobs and turns them into stored, queued DICOM objects.
+"""The AI result inbox: ready jobs -> stored, indexed, queued DICOM objects, exactly once.
 
-(Minimal placeholder so ``dicom-gateway run`` starts; the real poll lands next.)
+A job is ``NAME.npy`` (or ``NAME.npz`` holding one array) plus its sidecar ``NAME.yaml``;
+the sidecar is written last and marks the job ready. One ``run_once`` takes every ready
+job: parse the sidecar, find the source series in the index, derive the SEG or SC, write it
+atomically into the store, then in ONE transaction index it, mark the job done and queue it
+for ``routes.results``; only then are the files moved to ``done/`` beside
+``NAME.result.yaml``. A bad job goes to ``failed/`` with ``NAME.error.txt`` (one sentence).
+
+Exactly once: the job row in ``jobs`` is the truth. A crash before the commit leaves no row
+marked done, so the job runs again; its UIDs are derived from the job's name and first-seen
+time, so the rerun rewrites the same file instead of leaving a second one. A crash after the
+commit leaves a done row, and the next poll only finishes the move.
+
+Test-only hook: ``GATEWAY_TEST_CRASH_AT`` = ``before_encode`` | ``after_store`` |
+``after_commit`` | ``before_move`` makes the process SIGKILL itself at that point of a job,
+so the integration tests can prove the exactly-once promise. Never set it in production.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import os
+import signal
+import sqlite3
 import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+import pydicom
+import yaml
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
+
+from gateway import db, derive, index, queue, sidecar, store
 from gateway.config import Config
+from gateway.errors import GiveUp, JobError, RetryLater
 
 log = logging.getLogger("gateway.inbox")
 
+ARRAY_SUFFIXES = (".npy", ".npz")
+SIDECAR_SUFFIX = ".yaml"
+IGNORED_SUFFIXES = (".tmp", ".part")
+CRASH_ENV = "GATEWAY_TEST_CRASH_AT"
+CRASH_POINTS = ("before_encode", "after_store", "after_commit", "before_move")
+#: Bytes read from the start of a file to tell what it is (npy magic / zip header).
+_MAX_SIDECAR_READ = sidecar.MAX_SIDECAR_BYTES + 1
+
+
+class JobState(str, enum.Enum):
+    WAITING = "waiting"  # seen, not finished: running now, or its source series has not arrived
+    DONE = "done"  # derived object stored, indexed and queued; files in done/
+    FAILED = "failed"  # bad job; files and NAME.error.txt in failed/
+
+
+# --------------------------------------------------------------------------- reading job files
+
+
+def ignored(name: str) -> bool:
+    """Hidden and partial files are never jobs (writers use them while writing)."""
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def safe_path(folder: Path, path: Path) -> Path:
+    """``path`` itself, or its target if it is a symlink that stays inside ``folder``."""
+    if not path.is_symlink():
+        return path
+    target = path.resolve()
+    root = folder.resolve()
+    if target != root and root not in target.parents:
+        raise JobError(
+            f"{path.name} is a symlink leading outside the inbox (to {target}); copy the file "
+            "into the inbox instead"
+        )
+    return target
+
+
+def _read_error(path: Path, exc: OSError) -> JobError:
+    reason = exc.strerror or str(exc)
+    return JobError(f"cannot read {path.name}: {reason}; make it a readable file in the inbox")
+
+
+def read_sidecar(path: Path) -> sidecar.Job:
+    """Read and parse a sidecar file (at most 64 KiB are read)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_SIDECAR_READ)
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    if len(data) > sidecar.MAX_SIDECAR_BYTES:
+        raise JobError(
+            f"the sidecar {path.name} is larger than the 64 KiB limit; it should hold only the "
+            "job's keys"
+        )
+    return sidecar.parse(data)
+
+
+def load_array(path: Path) -> np.ndarray:
+    """Load a ``.npy``, or a ``.npz`` holding exactly one array; pickles are never allowed."""
+    what = f"{path.name} is not a readable NumPy {path.suffix} file"
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                names = list(npz.files)
+                if len(names) != 1:
+                    raise JobError(
+                        f"{path.name} holds {len(names)} arrays ({', '.join(names[:5]) or 'none'}); "
+                        "a job's .npz must hold exactly one"
+                    )
+                arr = npz[names[0]]
+        else:
+            arr = np.load(path, allow_pickle=False)
+    except JobError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise JobError(
+                f"{path.name} holds Python objects (it needs pickle, which the gateway never "
+                "loads); save a plain numeric array"
+            ) from None
+        raise JobError(f"{what} ({exc})") from None
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise JobError(f"{what} ({exc or 'truncated'})") from None
+    except (IsADirectoryError, PermissionError, FileNotFoundError) as exc:
+        raise _read_error(path, exc) from None
+    except OSError as exc:
+        raise JobError(f"{what} ({exc.strerror or exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise JobError(f"{what}")
+    return arr
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (best effort: the move is redone if lost)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the inbox
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    name: str
+    sidecar: Path
+    array: Path | None  # None: the sidecar came without its array
+    problem: str | None = None  # set when the files themselves make the job bad
+
 
 class Inbox:
-    def __init__(self, config: Config, on_queued: Callable[[Iterable[str]], None] | None = None):
+    """The inbox poll: ``run_once`` is one pass; the scheduler calls it every poll interval."""
+
+    def __init__(
+        self,
+        config: Config,
+        on_queued: Callable[[Iterable[str]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.config = config
         self.on_queued = on_queued
+        self.clock = clock
+        self.path = Path(config.inbox.path)
+        self.done_dir = self.path / "done"
+        self.failed_dir = self.path / "failed"
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._crash_at = os.environ.get(CRASH_ENV, "")
+        self._conn: sqlite3.Connection | None = None
+        self._waiting_logged: set[str] = set()
 
-    def run_once(self) -> int:
-        """One poll: run every ready job; returns how many finished (done or failed)."""
-        return 0
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
+            self._conn = db.connect(self.config.db_path)
+        return self._conn
 
     def stop(self) -> None:
+        """Finish the job in hand, start no other."""
         self._stop.set()
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # ------------------------------------------------------------------ one pass
+
+    def run_once(self) -> int:
+        """Take every ready job; return how many finished (done or failed) in this pass."""
+        if self._stop.is_set():
+            return 0
+        with self._lock:
+            try:
+                for folder in (self.path, self.done_dir, self.failed_dir):
+                    folder.mkdir(parents=True, exist_ok=True)
+                jobs = self.ready_jobs()
+            except OSError as exc:
+                log.error("cannot read the inbox %s: %s", self.path, exc.strerror or exc)
+                return 0
+            finished = 0
+            for job in jobs:
+                if self._stop.is_set():
+                    break
+                try:
+                    finished += self._run_job(job)
+                except (RetryLater, sqlite3.OperationalError) as exc:
+                    log.warning("job %s will be retried at the next poll: %s", job.name, exc)
+                except Exception:  # noqa: BLE001 - one bad job must never stop the node
+                    log.exception("job %s: unexpected error; it will be retried", job.name)
+            return finished
+
+    def ready_jobs(self) -> list[JobFiles]:
+        """Jobs whose sidecar is present, in name order; arrays without sidecars wait."""
+        entries = {p.name: p for p in self.path.iterdir() if not ignored(p.name)}
+        jobs = []
+        for filename in sorted(entries):
+            if not filename.endswith(SIDECAR_SUFFIX) or filename.endswith(".result.yaml"):
+                continue
+            path = entries[filename]
+            if path.is_dir() and not path.is_symlink():
+                continue
+            name = filename[: -len(SIDECAR_SUFFIX)]
+            arrays = [entries[name + s] for s in ARRAY_SUFFIXES if name + s in entries]
+            if len(arrays) > 1:
+                jobs.append(JobFiles(name, path, arrays[0], problem=(
+                    f"both {name}.npy and {name}.npz are present; keep only one array per job"
+                )))
+            elif not arrays:
+                jobs.append(JobFiles(name, path, None, problem=(
+                    f"the sidecar {filename} has no {name}.npy or {name}.npz beside it; write the "
+                    "array first and the sidecar last"
+                )))
+            else:
+                jobs.append(JobFiles(name, path, arrays[0]))
+        return jobs
+
+    # ------------------------------------------------------------------ one job
+
+    def _job_row(self, name: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+
+    def _dropped_after(self, job: JobFiles, when: float | None) -> bool:
+        """True when the job's files were (re)written after ``when``: a new job, not leftovers."""
+        try:
+            mtime = max(os.lstat(p).st_mtime for p in (job.sidecar, job.array) if p is not None)
+        except OSError:
+            return False
+        return when is not None and mtime > when
+
+    def _run_job(self, job: JobFiles) -> int:
+        row = self._job_row(job.name)
+        if row is not None and row["state"] == JobState.DONE.value:
+            if self._dropped_after(job, row["finished_at"]):
+                # A new job under a used name: keep the done record, refuse the new files.
+                self._move(job, self.failed_dir, error=(
+                    f"a job named {job.name} was already done (SOP Instance UID "
+                    f"{row['sop_instance_uid']}); give every job a unique name"
+                ))
+                log.warning("job %s refused: its name was already used", job.name)
+                return 1
+            self._finish_done(job, row)  # the process stopped between commit and move
+            return 1
+        if row is not None and row["state"] == JobState.FAILED.value:
+            if not self._dropped_after(job, row["finished_at"]):
+                self._move(job, self.failed_dir, error=row["error"])
+                return 1
+            with db.transaction(self.conn):  # dropped again (fixed?): a fresh attempt
+                self.conn.execute("DELETE FROM jobs WHERE name = ?", (job.name,))
+            row = None
+        now = self.clock()
+        if row is None:
+            with db.transaction(self.conn):
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO jobs (name, state, first_seen_at) VALUES (?, ?, ?)",
+                    (job.name, JobState.WAITING.value, now),
+                )
+            row = self._job_row(job.name)
+            log.info("job %s seen in the inbox", job.name)
+        try:
+            if job.problem:
+                raise JobError(job.problem)
+            result = self._derive_and_store(job, row, now)
+        except GiveUp as exc:
+            self._fail(job, str(exc))
+            return 1
+        except RetryLater:
+            raise
+        except (sqlite3.OperationalError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug or odd input: fail this job, keep going
+            log.exception("job %s: unexpected error while deriving", job.name)
+            self._fail(job, f"the job could not be turned into DICOM ({type(exc).__name__}: {exc})")
+            return 1
+        if result is None:
+            return 0  # waiting for its source
+        return 1
+
+    def _sources(self, job: JobFiles, spec: sidecar.Job, arr: np.ndarray, row, now: float):
+        """The source headers, or None while the source may still be arriving."""
+        waited = now - row["first_seen_at"]
+        limit = self.config.inbox.source_wait_seconds
+        series = spec.source.series_instance_uid
+        if series:
+            rows = index.series_instances(self.conn, series)
+            what = f"series {series}"
+        else:
+            rows = index.study_instances(self.conn, spec.source.study_instance_uid)[:1]
+            what = f"study {spec.source.study_instance_uid}"
+        kind = sidecar.default_kind(spec, arr.dtype.kind)
+        frames = arr.shape[0] if arr.ndim == 3 else 1
+        short = kind is sidecar.Kind.SEGMENTATION and rows and len(rows) < frames
+        if not rows or short:
+            if waited < limit:
+                if job.name not in self._waiting_logged:
+                    self._waiting_logged.add(job.name)
+                    have = f"{len(rows)} of {frames} images" if rows else "nothing"
+                    log.info("job %s waits for source %s (have %s; gives up after %gs)",
+                             job.name, what, have, limit)
+                return None
+            if not rows:
+                raise JobError(
+                    f"the source {what} has not been received within {limit:g} seconds; send it "
+                    "to the gateway first, then drop the job again"
+                )
+        self._waiting_logged.discard(job.name)
+        datasets = []
+        for r in rows:
+            path = index.absolute_path(self.config.node.data_dir, r)
+            try:
+                datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except (OSError, InvalidDicomError) as exc:
+                raise JobError(
+                    f"the source instance {r['sop_instance_uid']} cannot be read from the store "
+                    f"({exc}); send the source series again"
+                ) from None
+        return datasets
+
+    def _derive_and_store(self, job: JobFiles, row, now: float) -> derive.Derived | None:
+        spec = read_sidecar(safe_path(self.path, job.sidecar))
+        assert job.array is not None
+        arr = load_array(safe_path(self.path, job.array))
+        sources = self._sources(job, spec, arr, row, now)
+        if sources is None:
+            return None
+        self._crash_point("before_encode")
+        # Same job, same first-seen time -> same UIDs: a rerun after a crash rewrites one file.
+        counter = iter(range(1000))
+        seed = f"{job.name}|{row['first_seen_at']!r}"
+
+        def new_uid() -> str:
+            return generate_uid(entropy_srcs=["dicom-gateway", seed, str(next(counter))])
+
+        opts = derive.Options(
+            job_name=job.name,
+            now=datetime.fromtimestamp(now).astimezone(),
+            new_uid=new_uid,
+            keep_empty_frames=self.config.inbox.keep_empty_frames,
+        )
+        result = derive.derive(sources, arr, spec, opts)
+        del arr
+        ds = result.dataset
+        path = store.instance_path(
+            self.config.store_dir, result.study_instance_uid, result.series_instance_uid,
+            result.sop_instance_uid,
+        )
+        store.check_free_space(self.config.store_dir, self.config.storage.min_free_bytes)
+        size = store.write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
+        self._crash_point("after_store")
+        destinations = tuple(self.config.routes.results)
+        finished = self.clock()
+        record = index.InstanceRecord(
+            sop_instance_uid=result.sop_instance_uid,
+            sop_class_uid=result.sop_class_uid,
+            study_uid=result.study_instance_uid,
+            series_uid=result.series_instance_uid,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            path=str(path.relative_to(self.config.node.data_dir)),
+            size=size,
+            calling_ae=None,
+            origin="derived",
+            received_at=finished,
+            job=job.name,
+        )
+        with db.transaction(self.conn):
+            index.record_instance(self.conn, record)
+            self.conn.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, sop_instance_uid = ?, series_uid = ?, "
+                "error = NULL WHERE name = ?",
+                (JobState.DONE.value, finished, result.sop_instance_uid,
+                 result.series_instance_uid, job.name),
+            )
+            queue.enqueue(self.conn, destinations, result.sop_instance_uid, finished)
+        self._crash_point("after_commit")
+        log.info("derived SOP %s (%s) from job %s: %s", result.sop_instance_uid,
+                 derive.SOP_CLASS_NAMES[result.sop_class_uid], job.name, result.summary)
+        for dest in destinations:
+            log.info("queued SOP %s for %s", result.sop_instance_uid, dest)
+        if destinations and self.on_queued is not None:
+            self.on_queued(destinations)
+        self._finish_done(job, self._job_row(job.name), result, str(path))
+        return result
+
+    # ------------------------------------------------------------------ endings
+
+    def _finish_done(self, job: JobFiles, row, result: derive.Derived | None = None,
+                     path: str | None = None) -> None:
+        inst = index.get_instance(self.conn, row["sop_instance_uid"])
+        summary = {
+            "job": job.name,
+            "state": "done",
+            "sop_instance_uid": row["sop_instance_uid"],
+            "series_instance_uid": row["series_uid"],
+            "study_instance_uid": inst["study_uid"] if inst else None,
+            "sop_class_uid": inst["sop_class_uid"] if inst else None,
+            "sop_class": derive.SOP_CLASS_NAMES.get(inst["sop_class_uid"]) if inst else None,
+            "frames": result.frames if result else None,
+            "segments": result.segments if result and result.segments else None,
+            "summary": result.summary if result else None,
+            "stored_as": inst["path"] if inst else None,
+            "queued_for": list(self.config.routes.results),
+            "finished_at": datetime.fromtimestamp(row["finished_at"]).astimezone().isoformat(),
+        }
+        summary = {k: v for k, v in summary.items() if v is not None}
+        text = yaml.safe_dump(summary, sort_keys=False)
+        self._move(job, self.done_dir, result_text=text)
+
+    def _fail(self, job: JobFiles, message: str) -> None:
+        message = " ".join(message.split())
+        if not message.endswith("."):
+            message += "."
+        with db.transaction(self.conn):
+            self.conn.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE name = ?",
+                (JobState.FAILED.value, self.clock(), message, job.name),
+            )
+        self._waiting_logged.discard(job.name)
+        log.warning("job %s failed: %s", job.name, message)
+        self._move(job, self.failed_dir, error=message)
+
+    def _move(self, job: JobFiles, folder: Path, error: str | None = None,
+              result_text: str | None = None) -> None:
+        """Write NAME.error.txt / NAME.result.yaml into ``folder``, then move the job's files there."""
+        if error is not None:
+            store.write_atomic(folder / f"{job.name}.error.txt", lambda f: f.write((error + "\n").encode()))
+        if result_text is not None:
+            store.write_atomic(folder / f"{job.name}.result.yaml", lambda f: f.write(result_text.encode()))
+        self._crash_point("before_move")
+        # The array first, the sidecar last: a job is never left with only its array moved
+        # while its sidecar still says "ready".
+        for path in (job.array, job.sidecar):
+            if path is None:
+                continue
+            try:
+                os.replace(path, folder / path.name)
+            except FileNotFoundError:
+                pass  # already moved by an earlier, interrupted pass
+        for moved in (folder, self.path):
+            _fsync_dir(moved)
+        log.info("job %s moved to %s/", job.name, folder.name)
+
+    def _crash_point(self, point: str) -> None:
+        """Test-only: SIGKILL ourselves at ``point`` when GATEWAY_TEST_CRASH_AT names it."""
+        if self._crash_at and self._crash_at == point:
+            log.warning("%s=%s: killing the process (test hook)", CRASH_ENV, point)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
