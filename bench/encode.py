@@ -20,8 +20,8 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.encode import encoded_length, set_pixel_data  # noqa: E402
+from gateway.encode import encoded_length, set_pixel_data
 
 
 def fresh_dataset() -> Dataset:
@@ -136,7 +136,7 @@ def main() -> None:
         peak_ours = peak_extra(ours)
         peak_theirs = peak_extra(theirs)
         print(
-            f"{name:<10} {str(arr.shape):<18} {m_ours * 1e3:7.1f}ms {arr.nbytes / m_ours / 1e9:6.2f} "
+            f"{name:<10} {arr.shape!s:<18} {m_ours * 1e3:7.1f}ms {arr.nbytes / m_ours / 1e9:6.2f} "
             f"{m_limit * 1e3:7.1f}ms {m_ours / m_limit:7.2f}x {m_theirs * 1e3:7.1f}ms "
             f"{m_theirs / m_ours:11.2f}x {peak_ours / encoded:11.2f}x {peak_theirs / encoded:11.2f}x"
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import math
 import operator
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_PIXEL_DATA_LENGTH",
-    "PixelDataTooLarge",
     "PHOTOMETRIC_SAMPLES",
+    "PixelDataTooLarge",
     "encoded_length",
     "set_pixel_data",
 ]
@@ -156,7 +157,7 @@ def encoded_length(
 class _Plan:
     """What the checks decided; ``_encode`` and ``_apply`` only carry it out."""
 
-    __slots__ = ("changes", "length", "bits_allocated", "is_bool", "ybr422", "tsyntax")
+    __slots__ = ("bits_allocated", "changes", "is_bool", "length", "tsyntax", "ybr422")
 
     def __init__(self, changes, length, bits_allocated, is_bool, ybr422, tsyntax):
         self.changes: list[tuple[str, Any]] = changes
@@ -186,7 +187,8 @@ def _check(ds: Dataset, arr: np.ndarray, photometric: str, bits_stored: int) -> 
         )
 
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"arr must be a numpy.ndarray, got {type(arr).__name__}")
+        # ValueError, not TypeError: every refusal pydicom lacks is a ValueError (issue 4)
+        raise ValueError(f"arr must be a numpy.ndarray, got {type(arr).__name__}")  # noqa: TRY004
     dtype, shape, ndim = arr.dtype, arr.shape, arr.ndim
     is_bool = dtype.kind == "b"
     if not (is_bool or (dtype.kind in "ui" and dtype.itemsize in (1, 2))):

@@ -25,7 +25,12 @@ from pydicom.uid import (
 )
 
 from gateway import encode
-from gateway.encode import MAX_PIXEL_DATA_LENGTH, PixelDataTooLarge, encoded_length, set_pixel_data
+from gateway.encode import (
+    MAX_PIXEL_DATA_LENGTH,
+    PixelDataTooLarge,
+    encoded_length,
+    set_pixel_data,
+)
 from gateway.uids import is_valid_uid
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
