@@ -29,6 +29,7 @@ class Item:
     path: str  # relative to data_dir
     sop_class_uid: str
     transfer_syntax: str
+    claimed_at: float = 0.0  # when this claim was made; a re-enqueue after it means "send again"
 
 
 def backoff_seconds(
@@ -47,7 +48,11 @@ def backoff_seconds(
 def enqueue(
     conn: sqlite3.Connection, destinations: Iterable[str], sop_instance_uid: str, now: float
 ) -> None:
-    """Queue an instance for each destination; a resend of a queued instance is sent again."""
+    """Queue an instance for each destination; a resend of a queued instance is sent again.
+
+    A row being sent right now stays ``sending``; its new ``enqueued_at`` tells ``mark_sent``
+    that the stored file changed meanwhile, so it goes back to pending instead of sent.
+    """
     for dest in destinations:
         conn.execute(
             """INSERT INTO queue (destination, sop_instance_uid, state, attempts, next_attempt_at,
@@ -56,13 +61,17 @@ def enqueue(
                ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET
                    state = CASE WHEN state = 'sending' THEN state ELSE 'pending' END,
                    attempts = 0, next_attempt_at = excluded.next_attempt_at,
-                   last_error = NULL, updated_at = excluded.updated_at""",
+                   last_error = NULL, enqueued_at = excluded.enqueued_at,
+                   updated_at = excluded.updated_at""",
             (dest, sop_instance_uid, now, now, now),
         )
 
 
 def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int) -> list[Item]:
-    """Mark up to ``limit`` due pending items of one destination as sending and return them."""
+    """Mark up to ``limit`` due pending items of one destination as sending and return them.
+
+    Call inside ``db.transaction`` so two claimers never take the same row.
+    """
     rows = conn.execute(
         """SELECT q.id, q.destination, q.sop_instance_uid, q.attempts, i.path, i.sop_class_uid,
                   i.transfer_syntax
@@ -76,15 +85,27 @@ def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int
             "UPDATE queue SET state = 'sending', updated_at = ? WHERE id = ?",
             [(now, row["id"]) for row in rows],
         )
-    return [Item(**dict(row)) for row in rows]
+    return [Item(**dict(row), claimed_at=now) for row in rows]
 
 
-def mark_sent(conn: sqlite3.Connection, item_id: int, now: float) -> None:
+def mark_sent(
+    conn: sqlite3.Connection, item_id: int, now: float, claimed_at: float | None = None
+) -> State:
+    """The destination took the item; pending again if it was re-enqueued after ``claimed_at``."""
+    again = claimed_at is not None and conn.execute(
+        "SELECT enqueued_at > ? AS again FROM queue WHERE id = ?", (claimed_at, item_id)
+    ).fetchone()["again"]
+    if again:
+        conn.execute(
+            "UPDATE queue SET state = 'pending', updated_at = ? WHERE id = ?", (now, item_id)
+        )
+        return State.PENDING
     conn.execute(
         "UPDATE queue SET state = 'sent', attempts = attempts + 1, last_error = NULL, "
         "updated_at = ? WHERE id = ?",
         (now, item_id),
     )
+    return State.SENT
 
 
 def mark_attempt_failed(
