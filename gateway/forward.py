@@ -65,16 +65,16 @@ class _Plan:
 
 
 def _context_keys(item: queue.Item) -> list[tuple[str, tuple[str, ...]]]:
-    """Contexts an item needs: its own transfer syntax, plus Explicit/Implicit VR LE when uncompressed.
+    """Contexts an item needs: one with exactly its stored syntax (so it can be streamed as it
+    is), and for uncompressed data one offering Explicit and Implicit VR Little Endian as a
+    fallback the file can be converted to when the destination refuses the stored syntax.
 
-    A compressed syntax gets a context of its own, so the acceptor cannot pick an uncompressed
-    syntax for it that we could only reach by decoding.
+    Compressed data gets no fallback: we never decompress on the way out.
     """
-    ts = item.transfer_syntax
-    if ts in UNCOMPRESSED or ts == DeflatedExplicitVRLittleEndian:
-        offer = tuple(dict.fromkeys([ts, *UNCOMPRESSED_OFFER]))
-        return [(item.sop_class_uid, offer)]
-    return [(item.sop_class_uid, (ts,))]
+    keys = [(item.sop_class_uid, (item.transfer_syntax,))]
+    if item.transfer_syntax in UNCOMPRESSED or item.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        keys.append((item.sop_class_uid, UNCOMPRESSED_OFFER))
+    return keys
 
 
 def plan_contexts(items: list[queue.Item], limit: int = MAX_CONTEXTS) -> _Plan:
@@ -344,7 +344,7 @@ class Sender:
         for cx in same_class:
             if cx.transfer_syntax[0] == item.transfer_syntax:
                 return cx, False
-        if item.transfer_syntax in UNCOMPRESSED:
+        if item.transfer_syntax in (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian):
             for cx in same_class:
                 if cx.transfer_syntax[0] in UNCOMPRESSED_OFFER:
                     return cx, True
