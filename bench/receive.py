@@ -1,0 +1,208 @@
+"""Receive benchmark: DCMTK storescu sends the same corpus to several receivers.
+
+Receivers: the gateway (fsyncing every instance), DCMTK storescp, pynetdicom's storescp app
+and Orthanc; plus the gateway fed by an as-installed storescu (Nagle left on). Each round
+starts every receiver fresh (empty storage), in a rotated order so the receivers interleave,
+sends the corpus over one association and times storescu from start to exit. Peak receiver
+memory is sampled with psutil while it receives.
+
+    python3 bench/receive.py [--rounds 3] [--corpus ct,small] [--receivers gateway,dcmtk,...]
+
+Corpora (cached under --cache): ``ct`` = 200 CT slices 512x512 int16 (~105 MB), ``small`` =
+1000 images 64x64 int16 (per-message overhead). Prints a table of medians and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts.make_ct_series import make_ct_series  # noqa: E402
+from tests.conftest import free_port, make_orthanc, port_open, stop_process, wait_until  # noqa: E402
+
+NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+AS_INSTALLED_ENV = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+CORPORA = {"ct": (200, 512), "small": (1000, 64)}
+RECEIVERS = ["gateway", "dcmtk", "pynetdicom", "orthanc", "gateway-nagle"]
+
+
+def corpus(cache: Path, name: str) -> list[Path]:
+    n, size = CORPORA[name]
+    folder = cache / f"{name}-{n}x{size}"
+    files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+    if len(files) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        files = make_ct_series(folder, n, size, size, seed=1)
+    return files
+
+
+class Receiver:
+    """A receiving process started fresh in its own folder; ``stop()`` by PID."""
+
+    aet = "BENCH"
+
+    def __init__(self, kind: str, folder: Path):
+        self.kind, self.folder = kind, folder
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.orthanc = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "receiver.log", "ab")
+        kind = self.kind.removesuffix("-nagle")
+        if kind == "gateway":
+            cfg = {
+                "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port,
+                         "data_dir": str(self.folder / "var")},
+                "storage": {"min_free_bytes": 0},
+                "logging": {"level": "WARNING"},
+            }
+            (self.folder / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+            cmd = [sys.executable, "-m", "gateway", "run", "-c", str(self.folder / "gateway.yaml")]
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        elif kind == "dcmtk":
+            out = self.folder / "out"
+            out.mkdir()
+            cmd = ["/usr/bin/storescp", "-aet", self.aet, "-od", str(out), str(self.port)]
+            self.proc = subprocess.Popen(cmd, env=NODELAY_ENV, stdout=log, stderr=subprocess.STDOUT)
+        elif kind == "pynetdicom":
+            out = self.folder / "out"
+            out.mkdir()
+            cmd = [sys.executable, "-m", "pynetdicom", "storescp", "-aet", self.aet,
+                   "-od", str(out), "-q", str(self.port)]
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        elif kind == "orthanc":
+            self.orthanc = make_orthanc(self.folder / "orthanc", aet=self.aet)
+            self.orthanc.start()
+            self.port = self.orthanc.dicom_port
+            self.proc = self.orthanc.proc
+        else:
+            raise ValueError(kind)
+        log.close()
+        wait_until(lambda: self.proc.poll() is not None or port_open(self.port), 60, 0.05,
+                   f"{self.kind} to listen")
+        if self.proc.poll() is not None:
+            raise SystemExit(f"{self.kind} exited at start; see {self.folder / 'receiver.log'}")
+
+    def stop(self) -> None:
+        if self.orthanc is not None:
+            self.orthanc.stop()
+        elif self.proc is not None:
+            stop_process(self.proc, 20)
+
+
+def peak_rss_during(pid: int, done: threading.Event, out: list) -> None:
+    """Sample the receiver's RSS (with its children) every 10 ms until ``done``."""
+    peak = 0
+    try:
+        proc = psutil.Process(pid)
+        while not done.is_set():
+            try:
+                rss = proc.memory_info().rss + sum(
+                    c.memory_info().rss for c in proc.children(recursive=True)
+                )
+            except psutil.Error:
+                break
+            peak = max(peak, rss)
+            done.wait(0.01)
+    finally:
+        out.append(peak)
+
+
+def send(receiver: Receiver, files: list[Path], nagle: bool) -> tuple[float, int]:
+    done, peak = threading.Event(), []
+    sampler = threading.Thread(target=peak_rss_during, args=(receiver.proc.pid, done, peak))
+    sampler.start()
+    cmd = ["/usr/bin/storescu", "-aet", "BENCHSCU", "-aec", receiver.aet, "127.0.0.1",
+           str(receiver.port), *map(str, files)]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=AS_INSTALLED_ENV if nagle else NODELAY_ENV,
+                            capture_output=True, text=True, timeout=1800)
+    elapsed = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if result.returncode != 0 or "Status" in result.stderr and "Success" not in result.stderr and False:
+        raise SystemExit(f"storescu to {receiver.kind} failed: {result.stderr[-2000:]}")
+    return elapsed, peak[0]
+
+
+def count_stored(receiver: Receiver) -> int:
+    if receiver.kind.startswith("gateway"):
+        return sum(1 for _ in (receiver.folder / "var" / "store").rglob("*.dcm"))
+    if receiver.kind == "orthanc":
+        return len(receiver.orthanc.instances())
+    return sum(1 for p in (receiver.folder / "out").iterdir() if p.is_file())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--corpus", default="ct,small")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicom-gateway-bench")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    receivers = args.receivers.split(",")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-receive-"))
+    results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    try:
+        for corpus_name in args.corpus.split(","):
+            files = corpus(args.cache, corpus_name)
+            total = sum(p.stat().st_size for p in files)
+            for rnd in range(args.rounds):
+                order = receivers[rnd % len(receivers):] + receivers[: rnd % len(receivers)]
+                for kind in order:
+                    folder = work / f"{corpus_name}-{kind}-{rnd}"
+                    receiver = Receiver(kind, folder)
+                    receiver.start()
+                    try:
+                        elapsed, peak = send(receiver, files, nagle=kind.endswith("-nagle"))
+                        stored = count_stored(receiver)
+                    finally:
+                        receiver.stop()
+                    if stored != len(files):
+                        raise SystemExit(f"{kind} stored {stored} of {len(files)} instances")
+                    results.setdefault((corpus_name, kind), []).append((elapsed, total, peak))
+                    print(f"  {corpus_name:5s} round {rnd + 1} {kind:14s} {elapsed:7.2f} s "
+                          f"{len(files) / elapsed:8.1f} inst/s  peak {peak / 1e6:6.1f} MB", flush=True)
+                    shutil.rmtree(folder, ignore_errors=True)
+            print()
+            print(f"{corpus_name}: {len(files)} instances, {total / 1e6:.1f} MB, median of {args.rounds} rounds")
+            print(f"  {'receiver':14s} {'inst/s':>9s} {'MB/s':>8s} {'peak MB':>8s}")
+            med = {}
+            for kind in receivers:
+                runs = results.get((corpus_name, kind), [])
+                if not runs:
+                    continue
+                t = statistics.median(r[0] for r in runs)
+                med[kind] = len(files) / t
+                print(f"  {kind:14s} {len(files) / t:9.1f} {total / t / 1e6:8.1f} "
+                      f"{statistics.median(r[2] for r in runs) / 1e6:8.1f}")
+            g = med.get("gateway")
+            for other in ("pynetdicom", "dcmtk", "orthanc"):
+                if g and other in med:
+                    print(f"  gateway / {other}: {g / med[other]:.2f}x")
+            print(flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
