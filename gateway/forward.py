@@ -14,10 +14,11 @@ import random
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -199,7 +200,7 @@ class _Outcomes:
     they are sent again (at-least-once, which C-STORE tolerates: same SOP Instance UID).
     """
 
-    def __init__(self, sender: "Sender"):
+    def __init__(self, sender: Sender):
         self.sender = sender
         self.ops: list[Callable] = []
         self.last_commit = time.monotonic()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 import random
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 
 class State(str, enum.Enum):

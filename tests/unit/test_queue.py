@@ -196,7 +196,7 @@ def test_retry_failed_brings_back_one_destination_or_all(conn):
 def test_destination_status_counts_states_age_and_last_error(conn):
     add(conn, "1.1", now=100)
     add(conn, "1.2", now=150)
-    (first, second) = claim(conn, now=150)
+    (first, _second) = claim(conn, now=150)
     fail(conn, first.id, now=160)
     report = queue.destination_status(conn, ["pacs", "idle"], now=200)
     pacs = report["pacs"]
