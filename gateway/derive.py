@@ -360,16 +360,15 @@ def _segment_item(number: int, seg: Segment) -> Dataset:
     return item
 
 
-def _label_planes(arr: np.ndarray, job: Job) -> tuple[list[Segment], Callable[[int], np.ndarray]]:
-    """The segment descriptions and a function giving segment k's boolean stack."""
+def _segments(arr: np.ndarray, job: Job) -> list[Segment]:
+    """The segment descriptions: one for a bool mask, one per label value of a label map."""
     if arr.dtype.kind == "b":
         if job.segments is not None and len(job.segments) != 1:
             raise JobError(
                 f"a bool mask is one segment, but the sidecar describes {len(job.segments)}; "
                 "give one segment or send an integer label map"
             )
-        segments = list(job.segments or [Segment(label="Segment 1")])
-        return segments, lambda k: arr
+        return list(job.segments or [Segment(label="Segment 1")])
     low, high = _value_range(arr)
     if low < 0:
         raise JobError(
@@ -383,15 +382,24 @@ def _label_planes(arr: np.ndarray, job: Job) -> tuple[list[Segment], Callable[[i
                 f"{len(job.segments)} segment(s) (values 1 to {len(job.segments)}); add the "
                 "missing segments"
             )
-        segments = list(job.segments)
-    else:
-        if high > 255:
-            raise JobError(
-                f"the label map holds the value {high}; describe its segments in the sidecar "
-                "(at most 255)"
-            )
-        segments = [Segment(label=f"Segment {k}") for k in range(1, max(high, 1) + 1)]
-    return segments, lambda k: arr == k
+        return list(job.segments)
+    if high > 255:
+        raise JobError(
+            f"the label map holds the value {high}; describe its segments in the sidecar "
+            "(at most 255)"
+        )
+    return [Segment(label=f"Segment {k}") for k in range(1, max(high, 1) + 1)]
+
+
+def _occupancy(arr: np.ndarray, n_segments: int) -> np.ndarray:
+    """(segments, frames) bool: does segment s have a pixel in frame k (one pass, no copies)."""
+    if arr.dtype.kind == "b":
+        return arr.reshape(arr.shape[0], -1).any(axis=1)[np.newaxis]
+    occupied = np.zeros((n_segments + 1, arr.shape[0]), dtype=bool)
+    for k in range(arr.shape[0]):
+        counts = np.bincount(arr[k].ravel().astype(np.intp, copy=False), minlength=n_segments + 1)
+        occupied[:, k] = counts[: n_segments + 1] > 0
+    return occupied[1:]
 
 
 def _segmentation(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
@@ -413,21 +421,25 @@ def _segmentation(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: O
             f"the array's shape {arr.shape} does not match the source series' (frames, rows, "
             f"columns) {want}; frame k must be the k-th slice in ascending position"
         )
-    segments, planes = _label_planes(arr, job)
+    segments = _segments(arr, job)
 
     # Which (segment, source plane) pairs become frames: segment-major, then position.
-    chosen: list[tuple[int, int]] = []
-    stacks = []
-    for number in range(1, len(segments) + 1):
-        stack = planes(number)
-        stacks.append(stack)
-        occupied = stack.reshape(stack.shape[0], -1).any(axis=1)
-        for k in range(stack.shape[0]):
-            if opts.keep_empty_frames or occupied[k]:
-                chosen.append((number, k))
+    occupied = _occupancy(arr, len(segments))
+    chosen = [
+        (number, k)
+        for number in range(1, len(segments) + 1)
+        for k in range(arr.shape[0])
+        if opts.keep_empty_frames or occupied[number - 1, k]
+    ]
     if not chosen:
         chosen = [(1, 0)]  # nothing segmented: one empty frame keeps the object valid
-    pixels = np.stack([stacks[number - 1][k] for number, k in chosen]).astype(bool)
+    # Only the frames kept are materialized: memory is the output, whatever the label count.
+    pixels = np.empty((len(chosen), arr.shape[1], arr.shape[2]), dtype=bool)
+    for i, (number, k) in enumerate(chosen):
+        if arr.dtype.kind == "b":
+            pixels[i] = arr[k]
+        else:
+            np.equal(arr[k], number, out=pixels[i])
 
     source = sources[0]
     series_uid, sop_uid, dim_uid = opts.new_uid(), opts.new_uid(), opts.new_uid()
