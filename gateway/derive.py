@@ -12,9 +12,9 @@ slice normal (row direction x column direction), the order ITK and SimpleITK rea
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset

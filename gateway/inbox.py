@@ -27,10 +27,10 @@ import sqlite3
 import threading
 import time
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pydicom
@@ -223,7 +223,7 @@ class Inbox:
                     finished += self._run_job(job)
                 except (RetryLater, sqlite3.OperationalError) as exc:
                     log.warning("job %s will be retried at the next poll: %s", job.name, exc)
-                except Exception:  # noqa: BLE001 - one bad job must never stop the node
+                except Exception:  # one job's trouble must never stop the node
                     log.exception("job %s: unexpected error; it will be retried", job.name)
             return finished
 
@@ -305,7 +305,7 @@ class Inbox:
             raise
         except (sqlite3.OperationalError, MemoryError):
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug or odd input: fail this job, keep going
+        except Exception as exc:  # a bug or odd input: fail this job, keep going
             log.exception("job %s: unexpected error while deriving", job.name)
             self._fail(job, f"the job could not be turned into DICOM ({type(exc).__name__}: {exc})")
             return 1

@@ -199,7 +199,7 @@ def parse(data: bytes) -> Job:
     except UnicodeDecodeError:
         raise JobError("the sidecar is not UTF-8 text; save it as UTF-8 YAML") from None
     try:
-        raw = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: no Python tags
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

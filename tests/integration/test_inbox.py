@@ -6,9 +6,7 @@ step would), so these tests exercise the inbox alone; the end-to-end test covers
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -48,7 +46,7 @@ def index_sources(config: config_mod.Config, paths) -> None:
             dest = store.instance_path(config.store_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                        ds.SOPInstanceUID)
             data = Path(path).read_bytes()
-            size = store.write_atomic(dest, lambda f: f.write(data))
+            size = store.write_atomic(dest, lambda f, data=data: f.write(data))
             with db.transaction(conn):
                 index.record_instance(conn, index.InstanceRecord(
                     sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
@@ -167,7 +165,7 @@ def test_every_kind_is_valid_reads_back_and_orthanc_accepts_it(tmp_path, series,
         "signed": derive.MF_GRAYSCALE_WORD_SC, "rgb": derive.MF_TRUE_COLOR_SC,
         "single": derive.SECONDARY_CAPTURE,
     }
-    for name, (arr, spec) in jobs.items():
+    for name, (arr, _spec) in jobs.items():
         rows = derived_rows(config, name)
         assert len(rows) == 1, name
         row = rows[0]
@@ -203,7 +201,9 @@ def test_every_kind_is_valid_reads_back_and_orthanc_accepts_it(tmp_path, series,
     # Each derived object is queued for the results route, and status counts the jobs.
     conn = db.connect(config.db_path)
     try:
-        pending = conn.execute("SELECT COUNT(*) FROM queue WHERE destination = 'pacs' AND state = 'pending'").fetchone()[0]
+        pending = conn.execute(
+            "SELECT COUNT(*) FROM queue WHERE destination = 'pacs' AND state = 'pending'"
+        ).fetchone()[0]
     finally:
         conn.close()
     assert pending == len(jobs)
@@ -236,7 +236,7 @@ def test_bad_jobs_fail_with_one_sentence_and_good_jobs_still_succeed(tmp_path, s
         "label_too_big": (np.full((N, R, C), 4, np.uint8), {"source": src, "segments": [{"label": "a"}]},
                           "1 segment(s)"),
         "not_mapping": (good, "- just\n- a list\n", "mapping"),
-        "huge_sidecar": (good, "source: {series_instance_uid: '%s'}\n#%s\n" % (src["series_instance_uid"], "x" * 70000),
+        "huge_sidecar": (good, f"source: {{series_instance_uid: '{src['series_instance_uid']}'}}\n#{'x' * 70000}\n",
                          "64 KiB"),
         "unknown_key": (good, {"source": src, "colour": "red"}, "'colour' is not known"),
         "bad_yaml": (good, "source: [unclosed\n", "not valid YAML"),
@@ -409,7 +409,7 @@ def test_offline_encode_writes_what_the_inbox_would(tmp_path, series, dciodvfy):
     out = tmp_path / "out" / "labels.dcm"
     cmd = [sys.executable, "-m", "gateway", "encode", str(tmp_path / "labels.npy"),
            "--sidecar", str(tmp_path / "labels.yaml"), "--source", str(folder), "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "Segmentation, 2 segment(s), 8 frame(s)" in result.stdout
     assert dciodvfy(out) == []
@@ -423,7 +423,7 @@ def test_offline_encode_writes_what_the_inbox_would(tmp_path, series, dciodvfy):
     # A bad job: exit 1, one line, no file.
     np.save(tmp_path / "labels.npy", labels.astype(np.float32))
     bad_out = tmp_path / "bad.dcm"
-    result = subprocess.run(cmd[:-1] + [str(bad_out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd[:-1] + [str(bad_out)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "floating point" in result.stderr
     assert not bad_out.exists()

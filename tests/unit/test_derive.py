@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import highdicom as hd
 import numpy as np
@@ -33,7 +33,7 @@ def options(**kw) -> derive.Options:
     counter = itertools.count(1)
     kw.setdefault("job_name", "job-1")
     return derive.Options(
-        now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         new_uid=lambda: f"2.25.{next(counter)}", **kw,
     )
 

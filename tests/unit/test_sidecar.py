@@ -106,7 +106,7 @@ def test_not_a_mapping(text, words):
 
 
 def test_over_64_kib_is_refused_before_parsing():
-    text = "source: {series_instance_uid: '%s'}\n#" % SERIES + "x" * (64 * 1024)
+    text = f"source: {{series_instance_uid: '{SERIES}'}}\n#" + "x" * (64 * 1024)
     assert "64 KiB" in error(text)
 
 
