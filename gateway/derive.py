@@ -638,7 +638,12 @@ def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, op
     series_uid, sop_uid = opts.new_uid(), opts.new_uid()
     ds = Dataset()
     _common(ds, source, job, opts, sop_class, "OT", series_uid, sop_uid)
-    ds.Laterality = source.get("Laterality", "")
+    # General Series Laterality is 2C: copy what the source says; without it, Body Part
+    # Examined tells checkers whether the part is paired; with neither, present but empty.
+    if "BodyPartExamined" in source:
+        ds.BodyPartExamined = source.BodyPartExamined
+    if "Laterality" in source or "BodyPartExamined" not in source:
+        ds.Laterality = source.get("Laterality", "")
     ds.ConversionType = "WSD"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = f"AI result {opts.job_name}"[:1024]
