@@ -34,6 +34,8 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" each poll while a long batch runs: normal
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def _load(args) -> Config:
