@@ -384,16 +384,26 @@ class ReceiveServer:
         self.address = server.server_address
 
     def shutdown(self, grace: float = 5.0) -> None:
-        self.server.shutdown()
+        self.server.shutdown()  # no new connections
         deadline = time.monotonic() + grace
-        while self.server.active_associations and time.monotonic() < deadline:
+        while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
+        for assoc in self._established():
+            log.warning("aborting the association from %s at shutdown", _peer(assoc))
+            assoc.abort(block=False)
+        deadline = time.monotonic() + 2.0
+        while self._established() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # pynetdicom's network threads are not daemons: one waiting for an A-ASSOCIATE-RQ
+        # that never comes (a port probe) would hold the process for the ACSE timeout.
         for assoc in self.server.active_associations:
-            assoc.abort()
-        deadline = time.monotonic() + grace
+            assoc.dul.kill_dul()
         for assoc in self.server.active_associations:
-            assoc.join(max(0.0, deadline - time.monotonic()))
+            assoc.dul.join(1.0)
         self.conn.close()
+
+    def _established(self) -> list:
+        return [a for a in self.server.active_associations if a.is_established]
 
 
 def _clean_spool(folder: Path) -> None:
