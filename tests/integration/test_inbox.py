@@ -142,6 +142,8 @@ def test_every_kind_is_valid_reads_back_and_orthanc_accepts_it(tmp_path, series,
         "signed": (signed, {"source": src, "kind": "secondary_capture"}),
         "rgb": (rgb, {"source": src}),
         "single": (single, {"source": {"study_instance_uid": str(sources[0].StudyInstanceUID)}}),
+        "bits": (mask, {"source": src, "kind": "secondary_capture"}),
+        "bytes": (labels * 60, {"source": src}),
     }
     inbox_dir = config.inbox.path
     for name, (arr, spec) in jobs.items():
@@ -163,7 +165,8 @@ def test_every_kind_is_valid_reads_back_and_orthanc_accepts_it(tmp_path, series,
         "mask": derive.SEGMENTATION_STORAGE, "labels": derive.SEGMENTATION_STORAGE,
         "signed_labels": derive.SEGMENTATION_STORAGE, "word": derive.MF_GRAYSCALE_WORD_SC,
         "signed": derive.MF_GRAYSCALE_WORD_SC, "rgb": derive.MF_TRUE_COLOR_SC,
-        "single": derive.SECONDARY_CAPTURE,
+        "single": derive.SECONDARY_CAPTURE, "bits": derive.MF_SINGLE_BIT_SC,
+        "bytes": derive.MF_GRAYSCALE_BYTE_SC,
     }
     for name, (arr, _spec) in jobs.items():
         rows = derived_rows(config, name)
