@@ -215,6 +215,10 @@ class Inbox:
             except OSError as exc:
                 log.error("cannot read the inbox %s: %s", self.path, exc.strerror or exc)
                 return 0
+            try:
+                self._forget_vanished({job.name for job in jobs})
+            except sqlite3.OperationalError as exc:
+                log.warning("cannot tidy waiting jobs now: %s", exc)
             finished = 0
             for job in jobs:
                 if self._stop.is_set():
@@ -251,6 +255,21 @@ class Inbox:
             else:
                 jobs.append(JobFiles(name, path, arrays[0]))
         return jobs
+
+    def _forget_vanished(self, present: set[str]) -> None:
+        """Waiting jobs whose sidecar was taken away are no longer jobs: drop their rows."""
+        rows = self.conn.execute("SELECT name FROM jobs WHERE state = ?", (JobState.WAITING.value,))
+        gone = [row["name"] for row in rows if row["name"] not in present]
+        if not gone:
+            return
+        with db.transaction(self.conn):
+            self.conn.executemany(
+                "DELETE FROM jobs WHERE name = ? AND state = ?",
+                [(name, JobState.WAITING.value) for name in gone],
+            )
+        for name in gone:
+            self._waiting_logged.discard(name)
+            log.info("job %s was removed from the inbox before it ran; forgotten", name)
 
     # ------------------------------------------------------------------ one job
 

@@ -334,6 +334,14 @@ def test_a_job_waits_for_its_source_series_then_succeeds(tmp_path, series):
     assert (config.inbox.path / "done" / "early.result.yaml").exists()
 
 
+def redrop_later(inbox: Path, name: str, array, sidecar) -> None:
+    """Drop a job again with files clearly newer than anything before (coarse mtime clocks)."""
+    drop_job(inbox, name, array, sidecar)
+    later = time.time() + 5
+    for path in inbox.glob(f"{name}.*"):
+        os.utime(path, (later, later))
+
+
 def test_a_fixed_job_can_be_dropped_again_under_the_same_name(tmp_path, series):
     paths, sources = series
     config = load_config(tmp_path / "gw")
@@ -345,16 +353,31 @@ def test_a_fixed_job_can_be_dropped_again_under_the_same_name(tmp_path, series):
         drop_job(inbox_dir, "retry", np.zeros((N, R, C), np.float64), {"source": src})
         assert inbox.run_once() == 1
         assert "floating point" in error_text(inbox_dir, "retry")
-        time.sleep(0.01)  # the new files must be newer than the failure
-        drop_job(inbox_dir, "retry", np.ones((N, R, C), bool), {"source": src})
+        redrop_later(inbox_dir, "retry", np.ones((N, R, C), bool), {"source": src})
         assert inbox.run_once() == 1
         assert len(derived_rows(config, "retry")) == 1
         # A done name used again is refused, and the done record stays.
-        time.sleep(0.01)
-        drop_job(inbox_dir, "retry", np.ones((N, R, C), bool), {"source": src})
+        redrop_later(inbox_dir, "retry", np.ones((N, R, C), bool), {"source": src})
         assert inbox.run_once() == 1
         assert "already done" in error_text(inbox_dir, "retry")
         assert len(derived_rows(config, "retry")) == 1
+    finally:
+        inbox.close()
+
+
+def test_a_waiting_job_taken_away_is_forgotten(tmp_path, series):
+    _, sources = series
+    config = load_config(tmp_path / "gw")
+    src = {"series_instance_uid": str(sources[0].SeriesInstanceUID)}
+    drop_job(config.inbox.path, "later", np.ones((N, R, C), bool), {"source": src})
+    inbox = Inbox(config)
+    try:
+        inbox.run_once()
+        assert status.collect(config, time.time())["inbox"]["waiting"] == 1
+        for path in config.inbox.path.glob("later.*"):
+            path.unlink()
+        inbox.run_once()
+        assert status.collect(config, time.time())["inbox"] == {"waiting": 0, "done": 0, "failed": 0}
     finally:
         inbox.close()
 
