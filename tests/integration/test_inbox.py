@@ -6,6 +6,7 @@ step would), so these tests exercise the inbox alone; the end-to-end test covers
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -416,6 +417,10 @@ def test_sigkill_at_any_point_yields_exactly_one_object(tmp_path, series, gatewa
     assert [p.stem for p in files] == [rows[0]["sop_instance_uid"]]
     assert not list(config.inbox.path.glob("crashy.*"))
     assert not (config.inbox.path / "failed" / "crashy.error.txt").exists()
+    shown = gw.cli("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["inbox"] == {"waiting": 0, "done": 1, "failed": 0}
+    assert "inbox    0 waiting, 1 done, 0 failed" in gw.cli("status").stdout
 
 
 # --------------------------------------------------------------------------- offline
