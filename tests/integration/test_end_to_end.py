@@ -47,7 +47,7 @@ def test_modality_to_pacs_through_the_inbox(tmp_path, dcmtk, orthanc, ct_series,
     result = dcmtk.storescu(gw.port, gw.ae_title, *paths)
     assert result.returncode == 0, result.stderr
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    study_uid, series_uid = sources[0].StudyInstanceUID, sources[0].SeriesInstanceUID
+    study_uid, series_uid = str(sources[0].StudyInstanceUID), str(sources[0].SeriesInstanceUID)
     source_uids = {ds.SOPInstanceUID for ds in sources}
 
     # The AI tool drops three results: a bool mask, a uint16 map and an RGB overlay.
@@ -65,12 +65,17 @@ def test_modality_to_pacs_through_the_inbox(tmp_path, dcmtk, orthanc, ct_series,
     drop_job(inbox, "overlay", overlay, {"source": src, "photometric_interpretation": "RGB",
                                           "series_description": "e2e overlay"})
 
-    # Within a bounded wait the PACS holds the 60 slices and the three derived objects.
+    # Within a bounded wait the PACS holds the three derived objects in the source study
+    # (only results are routed to it: routes.received is empty).
     def derived_in_orthanc():
         ids = study_instances(orthanc, study_uid)
-        return ids if len(ids) == N_SLICES + 3 else None
+        return ids if len(ids) >= 3 else None
 
-    ids = wait_until(derived_in_orthanc, 180, 0.5, "Orthanc to hold 63 instances of the study")
+    try:
+        ids = wait_until(derived_in_orthanc, 120, 0.5, "Orthanc to hold the 3 derived objects")
+    except AssertionError:
+        raise AssertionError(gw.log()[-3000:]) from None
+    assert len(ids) == 3, ids
     derived = {}
     for orthanc_id in ids:
         ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)))
