@@ -12,6 +12,7 @@ command -v python3 >/dev/null 2>&1 || missing="$missing python3 python3-venv"
 [ -x /usr/bin/storescu ] || missing="$missing dcmtk"
 [ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
 [ -x /usr/bin/dciodvfy ] || missing="$missing dicom3tools"
+[ -x /usr/bin/curl ] || missing="$missing curl"
 if [ -n "$missing" ]; then
     echo "installing Debian packages:$missing"
     apt-get update -qq
