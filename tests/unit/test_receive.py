@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import errno
 
-from gateway.receive import STATUS, SpoolFile, Spooler, _status
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta
+
+from gateway.receive import (
+    STATUS,
+    Spooler,
+    _NeedFile,
+    _status,
+    _uids_from_head,
+    file_meta_bytes,
+    store_response_bytes,
+)
 from gateway.store import Outcome, Result
 
 
@@ -19,12 +40,6 @@ class FullDisk:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.written += len(data)
         return len(data)
-
-    def flush(self):
-        pass
-
-    def seek(self, pos):
-        pass
 
     def truncate(self):
         self.truncated = True
@@ -67,12 +82,12 @@ def test_spool_refuses_more_than_max_instance_bytes_and_frees_the_space(tmp_path
 def test_spool_on_a_full_disk_records_the_problem_without_raising(tmp_path):
     spool = Spooler(tmp_path, max_bytes=10**9, min_free_bytes=0).open()
     disk = FullDisk(room=50)
-    spool._f.close()
-    spool._f = disk
+    spool._sink.close()
+    spool._sink = disk
     spool.write(b"x" * 40)
     spool.write(b"x" * 40)
     spool.write(b"x" * 40)
-    spool.finish()
+    spool.finish()  # the buffered bytes hit the full disk here
     assert spool.problem == "the disk is full" and disk.truncated
 
 
@@ -86,3 +101,95 @@ def test_spool_checks_the_free_space_floor_while_streaming(tmp_path):
     spool.finish()
     spool.close()
     assert "min_free_bytes" in spool.problem
+
+
+# --------------------------------------------------------------------------- UIDs from the head
+
+
+def spooled_head(ds: pydicom.Dataset, transfer_syntax: str, limit: int = 64 * 1024) -> bytes:
+    """What pynetdicom writes to the spool for this data set: preamble, its file meta, the data set."""
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, create_file_meta(
+        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=transfer_syntax))
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, transfer_syntax == ImplicitVRLittleEndian
+    write_dataset(body, ds)
+    out.write(body.getvalue())
+    return out.getvalue()[:limit]
+
+
+# Bundled with pydicom (no download): sequences, waveforms, implicit VR and compressed ones.
+SAMPLES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG2000.dcm",
+           "MR_small_implicit.dcm", "waveform_ecg.dcm", "SC_rgb_rle.dcm"]
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("implicit", [False, True])
+def test_head_parser_agrees_with_pydicom(name, implicit):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ts = ImplicitVRLittleEndian if implicit else "1.2.840.10008.1.2.1"
+    if not implicit and ds.file_meta.TransferSyntaxUID.is_compressed:
+        ts = ds.file_meta.TransferSyntaxUID
+    head = spooled_head(ds, ts)
+    uids = _uids_from_head(head, ts)
+    for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        assert uids[key] == ds.get(key), key
+
+
+def test_head_parser_walks_undefined_length_sequences():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = "1.2.3"
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    nested = pydicom.Dataset()
+    nested.CodeValue = "X"
+    item.PurposeOfReferenceCodeSequence = [nested]
+    ds.ReferencedImageSequence = [item, item]
+    ds.ReferencedImageSequence.is_undefined_length = True
+    for it in ds.ReferencedImageSequence:
+        it.is_undefined_length_sequence_item = True
+    for implicit in (False, True):
+        ts = ImplicitVRLittleEndian if implicit else "1.2.840.10008.1.2.1"
+        uids = _uids_from_head(spooled_head(ds, ts), ts)
+        assert uids["SeriesInstanceUID"] == ds.SeriesInstanceUID
+
+
+def test_head_parser_defers_when_it_cannot_see_the_uids():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ts = "1.2.840.10008.1.2.1"
+    with pytest.raises(_NeedFile):
+        _uids_from_head(spooled_head(ds, ts, limit=600), ts)
+    with pytest.raises(_NeedFile):
+        _uids_from_head(spooled_head(ds, ts), "1.2.840.10008.1.2.2")
+
+
+# --------------------------------------------------------------------------- hand-encoded messages
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+ODD_AND_EVEN = ["1.2.3", "1.2.34", "1.2.840.113619.2.55.3.604688119.868.1249343483.504", "1." + "2" * 62]
+
+
+@pytest.mark.parametrize("sop", ODD_AND_EVEN)
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"])
+def test_file_meta_matches_what_pynetdicom_writes(sop, ts):
+    expected = io.BytesIO()
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=CT_CLASS, sop_instance_uid=sop,
+                                                    transfer_syntax=ts))
+    assert file_meta_bytes(CT_CLASS, sop, ts) == expected.getvalue()
+
+
+@pytest.mark.parametrize("sop", ODD_AND_EVEN)
+@pytest.mark.parametrize("status,message_id", [(0x0000, 1), (0xA700, 65535), (0xC000, 300)])
+def test_store_response_matches_what_pynetdicom_sends(sop, status, message_id):
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = CT_CLASS
+    primitive.AffectedSOPInstanceUID = sop
+    primitive.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(1, 16384))
+    ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert pdv[:1] == b"\x03"
+    assert pdv[1:] == store_response_bytes(CT_CLASS, message_id, status, sop)
