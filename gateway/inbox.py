@@ -316,20 +316,35 @@ class Inbox:
         try:
             if job.problem:
                 raise JobError(job.problem)
-            result = self._derive_and_store(job, row, now)
+            committed = self._derive_and_store(job, row, now)
         except GiveUp as exc:
             self._fail(job, str(exc))
             return 1
-        except RetryLater:
+        except (RetryLater, sqlite3.OperationalError):
             raise
-        except (sqlite3.OperationalError, MemoryError):
-            raise
+        except MemoryError:
+            self._fail(job, "the gateway ran out of memory deriving this job; send a smaller array "
+                            "or give the node more memory")
+            return 1
         except Exception as exc:  # a bug or odd input: fail this job, keep going
             log.exception("job %s: unexpected error while deriving", job.name)
             self._fail(job, f"the job could not be turned into DICOM ({type(exc).__name__}: {exc})")
             return 1
-        if result is None:
+        if committed is None:
             return 0  # waiting for its source
+        # Committed: from here on nothing may mark the job failed; if the move does not
+        # happen now, the next poll finishes it from the done row.
+        result, destinations = committed
+        log.info("derived SOP %s (%s) from job %s: %s", result.sop_instance_uid,
+                 derive.SOP_CLASS_NAMES[result.sop_class_uid], job.name, result.summary)
+        for dest in destinations:
+            log.info("queued SOP %s for %s", result.sop_instance_uid, dest)
+        if destinations and self.on_queued is not None:
+            try:
+                self.on_queued(destinations)
+            except Exception:  # the senders' own poll picks the items up anyway
+                log.exception("job %s: waking the senders failed", job.name)
+        self._finish_done(job, self._job_row(job.name), result)
         return 1
 
     def _sources(self, job: JobFiles, spec: sidecar.Job, arr: np.ndarray, row, now: float):
@@ -372,7 +387,10 @@ class Inbox:
                 ) from None
         return datasets
 
-    def _derive_and_store(self, job: JobFiles, row, now: float) -> derive.Derived | None:
+    def _derive_and_store(
+        self, job: JobFiles, row, now: float
+    ) -> tuple[derive.Derived, tuple[str, ...]] | None:
+        """Derive, write, commit; None while the source is not here. Nothing after the commit."""
         spec = read_sidecar(safe_path(self.path, job.sidecar))
         assert job.array is not None
         arr = load_array(safe_path(self.path, job.array))
@@ -428,19 +446,11 @@ class Inbox:
             )
             queue.enqueue(self.conn, destinations, result.sop_instance_uid, finished)
         self._crash_point("after_commit")
-        log.info("derived SOP %s (%s) from job %s: %s", result.sop_instance_uid,
-                 derive.SOP_CLASS_NAMES[result.sop_class_uid], job.name, result.summary)
-        for dest in destinations:
-            log.info("queued SOP %s for %s", result.sop_instance_uid, dest)
-        if destinations and self.on_queued is not None:
-            self.on_queued(destinations)
-        self._finish_done(job, self._job_row(job.name), result, str(path))
-        return result
+        return result, destinations
 
     # ------------------------------------------------------------------ endings
 
-    def _finish_done(self, job: JobFiles, row, result: derive.Derived | None = None,
-                     path: str | None = None) -> None:
+    def _finish_done(self, job: JobFiles, row, result: derive.Derived | None = None) -> None:
         inst = index.get_instance(self.conn, row["sop_instance_uid"])
         summary = {
             "job": job.name,

@@ -405,7 +405,10 @@ def test_sigkill_at_any_point_yields_exactly_one_object(tmp_path, series, gatewa
 
     gw.start()  # no crash hook this time
     done = config.inbox.path / "done" / "crashy.result.yaml"
-    wait_until(done.exists, 60, 0.05, "the job to finish after the restart")
+    # Finished = the result written AND the job's files moved out of the inbox (a crash
+    # before the move leaves the result file behind already).
+    wait_until(lambda: done.exists() and not list(config.inbox.path.glob("crashy.*")), 60, 0.05,
+               "the job to finish after the restart")
     gw.kill()  # the job is committed and moved; a graceful stop adds nothing here
     rows = derived_rows(config, "crashy")
     assert len(rows) == 1, [dict(r) for r in rows]
