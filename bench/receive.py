@@ -70,7 +70,7 @@ class Receiver:
                 "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port,
                          "data_dir": str(self.folder / "var")},
                 "storage": {"min_free_bytes": 0},
-                "logging": {"level": "WARNING"},
+                "logging": {"level": "INFO"},  # the default: one log line per instance
             }
             (self.folder / "gateway.yaml").write_text(yaml.safe_dump(cfg))
             cmd = [sys.executable, "-m", "gateway", "run", "-c", str(self.folder / "gateway.yaml")]
