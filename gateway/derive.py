@@ -616,10 +616,8 @@ def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, op
     if sop_class == MF_SINGLE_BIT_SC:
         arr = arr.astype(bool)
         bits = 1
-    if sop_class == MF_GRAYSCALE_BYTE_SC and bits != 8:
-        raise JobError(
-            f"a multi-frame grayscale byte secondary capture stores 8 bits, not bits_stored {bits}"
-        )
+    if sop_class == MF_GRAYSCALE_BYTE_SC:
+        bits = 8  # this SOP class stores 8 bits; values were checked against bits_stored above
     if sop_class != SECONDARY_CAPTURE and photometric == "MONOCHROME1":
         raise JobError(
             "multi-frame secondary captures are MONOCHROME2 only; invert the values and use "
