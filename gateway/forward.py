@@ -251,6 +251,9 @@ class Sender:
         """Send every item due now, batch by batch; return how many were sent."""
         sent = 0
         with self._busy:
+            if self._stopping.is_set():
+                return 0
+            self._heal()
             while not self._stopping.is_set():
                 items = self._claim()
                 if not items:
@@ -276,6 +279,15 @@ class Sender:
         if self._conn is None:
             self._conn = db.connect(self.config.db_path)
         return self._conn
+
+    def _heal(self) -> None:
+        """Only this sender claims this destination's rows, and never across passes: any row
+        still ``sending`` between passes was left by a pass that died on an unexpected error."""
+        conn = self._db()
+        with db.transaction(conn):
+            n = queue.requeue_stale(conn, self._clock(), self.name)
+        if n:
+            log.warning("requeued %d item(s) of %s left 'sending' by an interrupted pass", n, self.name)
 
     def _claim(self) -> list[queue.Item]:
         conn = self._db()

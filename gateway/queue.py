@@ -143,14 +143,14 @@ def release(conn: sqlite3.Connection, item_ids: Iterable[int], now: float) -> No
     )
 
 
-def requeue_stale(conn: sqlite3.Connection, now: float) -> int:
-    """Rows left ``sending`` by a crashed process go back to pending; returns how many."""
-    cur = conn.execute(
-        "UPDATE queue SET state = 'pending', next_attempt_at = ?, updated_at = ? "
-        "WHERE state = 'sending'",
-        (now, now),
-    )
-    return cur.rowcount
+def requeue_stale(conn: sqlite3.Connection, now: float, destination: str | None = None) -> int:
+    """Rows left ``sending`` by a crashed process (or pass) go back to pending; returns how many."""
+    sql = "UPDATE queue SET state = 'pending', next_attempt_at = ?, updated_at = ? WHERE state = 'sending'"
+    args: list = [now, now]
+    if destination is not None:
+        sql += " AND destination = ?"
+        args.append(destination)
+    return conn.execute(sql, args).rowcount
 
 
 def retry_failed(conn: sqlite3.Connection, destination: str | None, now: float) -> int:

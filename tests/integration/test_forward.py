@@ -310,3 +310,50 @@ def _quiet_pynetdicom():
     logger.setLevel(logging.CRITICAL)
     yield
     logger.setLevel(level)
+
+
+def test_a_response_that_never_comes_replaces_the_association_and_retries(tmp_path, ct_series):
+    """A peer that answers one C-STORE too late (a lost response looks the same to us): the
+    sender gives up on it after the DIMSE timeout, opens a new association, sends the item
+    again and marks it sent only on the second, real response. The peer is pynetdicom's own
+    storage SCP whose handler stalls once."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    paths = ct_series(4, **SMALL)
+    slow_uid = pydicom.dcmread(paths[1]).SOPInstanceUID
+    seen: list[str] = []
+
+    def on_store(event):
+        uid = event.request.AffectedSOPInstanceUID
+        seen.append(uid)
+        if uid == slow_uid and seen.count(uid) == 1:
+            time.sleep(3)  # longer than the sender's 1 s DIMSE timeout
+        return 0x0000
+
+    scp = AE(ae_title="SLOWSCP")
+    scp.add_supported_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian])
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        config = config_mod.parse(
+            {
+                "node": {"ae_title": "GATEWAY", "data_dir": str(tmp_path / "var")},
+                "storage": {"min_free_bytes": 0},
+                "destinations": {"scp": dest_cfg("SLOWSCP", port)},
+                "forward": {"dimse_timeout_seconds": 1},
+            }
+        )
+        assert sendfiles.queue_files(config, "scp", paths).queued == 4
+        sender = forward.Sender(config, "scp")
+        try:
+            assert sender.run_once() == 4
+        finally:
+            sender.close()
+    finally:
+        server.shutdown()
+    assert seen.count(slow_uid) == 2
+    conn = db.connect(config.db_path)
+    states = {r["sop_instance_uid"]: r["state"] for r in conn.execute("SELECT * FROM queue")}
+    conn.close()
+    assert set(states.values()) == {"sent"}

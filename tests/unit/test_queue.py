@@ -205,3 +205,13 @@ def test_destination_status_counts_states_age_and_last_error(conn):
     assert pacs["next_attempt_in_seconds"] == 0  # 160 + 10 = 170, already due at 200
     assert pacs["last_error"] == "peer down"
     assert report["idle"]["pending"] == 0 and report["idle"]["last_error"] is None
+
+
+def test_requeue_stale_can_be_limited_to_one_destination(conn):
+    add(conn, "1.1", dests=("pacs", "archive"))
+    claim(conn, "pacs")
+    claim(conn, "archive")
+    with db.transaction(conn):
+        assert queue.requeue_stale(conn, 200, "pacs") == 1
+    assert row(conn, "1.1")["state"] == State.PENDING
+    assert row(conn, "1.1", "archive")["state"] == State.SENDING
