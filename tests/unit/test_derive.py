@@ -265,3 +265,16 @@ def test_uids_come_from_the_generator(series):
     ascending, scrambled = series
     out = derive.derive(scrambled, np.ones((N, R, C), bool), job(ascending[0].SeriesInstanceUID), options())
     assert (out.series_instance_uid, out.sop_instance_uid) == ("2.25.1", "2.25.2")
+
+
+def test_odd_frame_sizes_pack_bits_across_frame_boundaries(tmp_path):
+    """7x5 = 35 bits per frame: frame 2 starts mid-byte, as the standard requires."""
+    paths = make_ct_series(tmp_path, 3, 7, 5)
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    rng = np.random.default_rng(4)
+    mask = rng.random((3, 7, 5)) > 0.5
+    mask[:, 0, 0] = True  # no empty frame
+    ds = derive.derive(sources, mask, job(sources[0].SeriesInstanceUID), options()).dataset
+    assert len(ds.PixelData) == 14  # ceil(105 / 8) = 14, already even
+    got = seg_masks(ds, sources, [1])[..., 0]
+    np.testing.assert_array_equal(got.astype(bool), mask)
