@@ -6,6 +6,7 @@ step would), so these tests exercise the inbox alone; the end-to-end test covers
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -461,3 +462,50 @@ def test_offline_encode_writes_what_the_inbox_would(tmp_path, series, dciodvfy):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "floating point" in result.stderr
     assert not bad_out.exists()
+
+
+# --------------------------------------------------------------------------- the whole node
+
+
+def test_sources_over_cstore_results_forwarded_to_orthanc(tmp_path, series, dcmtk, orthanc, gateway_factory):
+    """storescu -> gateway (receive + index) -> inbox -> routes.results -> Orthanc over C-STORE."""
+    paths, sources = series
+    gw = gateway_factory(
+        tmp_path / "gw",
+        destinations={"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        routes={"results": ["pacs"]},
+        inbox={"poll_interval_seconds": 0.2},
+    )
+    inbox_dir = Path(gw.config_path).parent / gw.config["inbox"]["path"]
+    src = {"series_instance_uid": str(sources[0].SeriesInstanceUID)}
+    mask = np.zeros((N, R, C), bool)
+    mask[2:6, 20:40, 20:40] = True
+    # The job arrives before its source: it waits, then runs once the series is in.
+    drop_job(inbox_dir, "early_mask", mask, {"source": src, "series_description": "AI mask"})
+    sent = dcmtk.storescu(gw.port, gw.ae_title, *paths)
+    assert sent.returncode == 0, sent.stderr
+    heat = np.arange(N * R * C, dtype=np.uint16).reshape(N, R, C) % 4096
+    drop_job(inbox_dir, "heat", heat, {"source": src, "bits_stored": 12, "series_description": "AI heat"})
+
+    def derived_in_orthanc():
+        found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {
+            "StudyInstanceUID": str(sources[0].StudyInstanceUID)}})
+        return found if len(found) == 2 else None
+
+    ids = wait_until(derived_in_orthanc, 60, 0.2, "Orthanc to hold the two derived objects")
+    got = {}
+    for orthanc_id in ids:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)))
+        got[ds.SeriesDescription] = ds
+    assert set(got) == {"AI mask", "AI heat"}
+    seg = hd.seg.Segmentation.from_dataset(got["AI mask"])
+    ascending = [s.SOPInstanceUID for s in sorted(sources, key=lambda s: float(s.ImagePositionPatient[2]))]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=ascending, segment_numbers=[1],
+                                               assert_missing_frames_are_empty=True)[..., 0]
+    np.testing.assert_array_equal(pixels.astype(bool), mask)
+    np.testing.assert_array_equal(got["AI heat"].pixel_array, heat)
+    log = gw.log()
+    for ds in got.values():
+        assert f"derived SOP {ds.SOPInstanceUID}" in log
+        assert f"queued SOP {ds.SOPInstanceUID} for pacs" in log
+    assert "job early_mask waits for source series" in log
