@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -33,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npformat
 import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
@@ -101,20 +103,46 @@ def read_sidecar(path: Path) -> sidecar.Job:
     return sidecar.parse(data)
 
 
+def _check_header(fp, size: int, name: str) -> None:
+    """Refuse before allocating: object arrays, and data shorter than the header promises."""
+    major, _minor = npformat.read_magic(fp)
+    read = npformat.read_array_header_1_0 if major == 1 else npformat.read_array_header_2_0
+    shape, _fortran, dtype = read(fp, max_header_size=10_000)
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickle")
+    promised = math.prod(shape) * dtype.itemsize
+    held = size - fp.tell()
+    if held < promised:
+        raise JobError(
+            f"{name} is truncated: its header promises {promised} bytes of {dtype} {shape} but it "
+            f"holds {max(held, 0)}; write the whole array, then the sidecar"
+        )
+
+
 def load_array(path: Path) -> np.ndarray:
-    """Load a ``.npy``, or a ``.npz`` holding exactly one array; pickles are never allowed."""
+    """Load a ``.npy``, or a ``.npz`` holding exactly one array; pickles are never allowed.
+
+    The header is checked against the data actually present before anything is allocated,
+    so a corrupt or truncated file cannot make the gateway reserve absurd amounts of memory.
+    """
     what = f"{path.name} is not a readable NumPy {path.suffix} file"
     try:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                names = list(npz.files)
-                if len(names) != 1:
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir()]
+                if len(members) != 1:
+                    names = ", ".join(m.filename.removesuffix(".npy") for m in members[:5])
                     raise JobError(
-                        f"{path.name} holds {len(names)} arrays ({', '.join(names[:5]) or 'none'}); "
-                        "a job's .npz must hold exactly one"
+                        f"{path.name} holds {len(members)} arrays ({names or 'none'}); a job's "
+                        ".npz must hold exactly one"
                     )
-                arr = npz[names[0]]
+                with zf.open(members[0]) as member:
+                    _check_header(member, members[0].file_size, path.name)
+            with np.load(path, allow_pickle=False) as npz:
+                arr = npz[npz.files[0]]
         else:
+            with open(path, "rb") as fp:
+                _check_header(fp, os.fstat(fp.fileno()).st_size, path.name)
             arr = np.load(path, allow_pickle=False)
     except JobError:
         raise

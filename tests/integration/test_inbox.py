@@ -254,6 +254,15 @@ def test_bad_jobs_fail_with_one_sentence_and_good_jobs_still_succeed(tmp_path, s
     drop_job(inbox_dir, "corrupt", None, {"source": src})
     np.save(inbox_dir / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     drop_job(inbox_dir, "pickled", None, {"source": src})
+    np.save(inbox_dir / "truncated.npy", good)
+    data = (inbox_dir / "truncated.npy").read_bytes()
+    (inbox_dir / "truncated.npy").write_bytes(data[:-100])
+    drop_job(inbox_dir, "truncated", None, {"source": src})
+    with open(inbox_dir / "absurd.npy", "wb") as f:  # a header promising 1 TB must not be allocated
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|b1", "fortran_order": False, "shape": (100_000, 100_000, 100)})
+        f.write(bytes(100))
+    drop_job(inbox_dir, "absurd", None, {"source": src})
     np.savez(inbox_dir / "two_arrays.npz", a=good, b=good)
     drop_job(inbox_dir, "two_arrays", None, {"source": src})
     (inbox_dir / "corrupt_zip.npz").write_bytes(b"PK\x03\x04 not really a zip")
@@ -286,6 +295,7 @@ def test_bad_jobs_fail_with_one_sentence_and_good_jobs_still_succeed(tmp_path, s
         expected = {
             **{name: words for name, (_, _, words) in bad.items()},
             "corrupt": "not a readable NumPy", "pickled": "pickle", "two_arrays": "exactly one",
+            "truncated": "is truncated", "absurd": "promises 1000000000000 bytes",
             "corrupt_zip": "not a readable NumPy", "escape": "outside the inbox",
             "dangling": "cannot read", "folder": "cannot read", "no_array": "write the array first",
             "both": "keep only one",
