@@ -8,6 +8,14 @@ Instances are streamed to disk while they arrive (pynetdicom's chunked receive):
 C-STORE data set goes into a spool file under ``data_dir/tmp`` (the store's filesystem),
 then is renamed into the store. Memory per association is therefore bounded by one PDU,
 whatever the instance's size.
+
+pynetdicom is tuned in two scopes. Per association (bound at EVT_CONN_OPEN): TCP_NODELAY,
+bounded bulk socket reads, a DUL loop that waits on its socket instead of sleeping, requests
+served in the thread that decoded them, hand-encoded C-STORE responses, and no per-PDU debug
+logging handlers. Process-wide (``_enable_spooling``, pynetdicom offers no other hook):
+chunked C-STORE receive, and the temp-file and file-meta functions pynetdicom's DIMSE layer
+calls; each replacement hands anything that is not one of our spool files to the original.
+The closing notes of bench/receive.py say what each change bought.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import errno
 import logging
 import os
 import queue
-import select
-import struct
 import secrets
+import select
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -341,6 +350,7 @@ def _enable_spooling() -> None:
 # --------------------------------------------------------------------------- the association's I/O
 
 _IDLE_WAIT = 0.002  # longest a DUL thread waits for socket data before checking its queues
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class _GatewaySocket(AssociationSocket):
@@ -349,6 +359,9 @@ class _GatewaySocket(AssociationSocket):
     * ``recv`` refuses PDUs longer than ``node.max_pdu_size`` allows (pynetdicom buffers
       whatever length a peer declares, so a declared 4 GB PDU would be read whole) and reads
       into one buffer instead of 4 KiB pieces.
+    * every read re-arms TCP_QUICKACK, so the ACK goes out at once: a peer that leaves
+      Nagle's algorithm on (DCMTK as Debian installs it) otherwise holds its next small
+      write until our delayed ACK fires, ~40 ms per message.
     * ``ready`` waits on the socket (up to ``_IDLE_WAIT``) instead of the DUL thread sleeping
       a fixed millisecond between polls: a request is read as soon as it arrives.
     """
@@ -373,6 +386,11 @@ class _GatewaySocket(AssociationSocket):
                 view.release()
                 return buf[:got]
             got += n
+        if _QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
         return buf
 
     @property

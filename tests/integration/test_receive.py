@@ -9,7 +9,6 @@ import sqlite3
 import struct
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -191,6 +190,48 @@ def test_wrong_called_ae_is_rejected_unless_relaxed(dcmtk, gateway_factory):
 
     relaxed = gateway_factory(node={"require_called_ae_title": False})
     assert dcmtk.echoscu(relaxed.port, "SOMEONE-ELSE").returncode == 0
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def hold_association(gw, timeout: float = 1.0):
+    """An established association from this process (pynetdicom SCU), left open."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+
+    def associate():
+        assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+        return assoc if assoc.is_established else None
+
+    return wait_until(associate, timeout, 0.2, "an association")
+
+
+def test_max_associations_rejects_the_extra_one(dcmtk, gateway_factory):
+    # The fixture's readiness probe (a bare TCP connect) holds a slot until the ACSE timeout.
+    gw = gateway_factory(node={"max_associations": 1, "acse_timeout_seconds": 1})
+    holder = hold_association(gw, timeout=10)
+    try:
+        refused = dcmtk.echoscu(gw.port, gw.ae_title)
+        assert refused.returncode != 0
+        assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+        wait_until(lambda: "node.max_associations (1) reached" in gw.log(), 10, what="log line")
+    finally:
+        holder.release()
+    wait_until(lambda: dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0, 10, 0.2, "a free slot")
+
+
+def test_idle_association_is_closed_after_the_network_timeout(gateway_factory):
+    gw = gateway_factory(node={"network_timeout_seconds": 1})
+    holder = hold_association(gw)
+    try:
+        wait_until(lambda: not holder.is_established, 15, 0.1, "the gateway to drop the idle association")
+    finally:
+        if holder.is_established:
+            holder.abort()
 
 
 # --------------------------------------------------------------------------- hostile input

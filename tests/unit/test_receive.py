@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 
 import io
-from pathlib import Path
 
 import pydicom
 import pytest
