@@ -285,7 +285,10 @@ def test_kill_9_after_success_loses_nothing(dcmtk, gateway_factory, ct_series):
     files = ct_series(30, 128, 128)
     store_ok(dcmtk, gw, *files)
     gw.kill()  # SIGKILL right after storescu reported success for the whole batch
+    stale = var(gw) / "tmp" / "rx-0123456789ab-7.dcm"
+    stale.write_bytes(b"\0" * 1000)  # what a crash mid-transfer leaves: never acknowledged
     gw.start()
+    assert not stale.exists()
     assert len(rows(gw)) == 30
     assert_stored_as_sent(gw, files)
     for path in stored_files(gw):

@@ -20,6 +20,7 @@ from gateway.receive import (
     STATUS,
     Spooler,
     _NeedFile,
+    _read_uids,
     _status,
     _uids_from_head,
     file_meta_bytes,
@@ -152,6 +153,16 @@ def test_head_parser_walks_undefined_length_sequences():
         ts = ImplicitVRLittleEndian if implicit else "1.2.840.10008.1.2.1"
         uids = _uids_from_head(spooled_head(ds, ts), ts)
         assert uids["SeriesInstanceUID"] == ds.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("name", ["image_dfl.dcm", "MR_small_bigendian.dcm", "CT_small.dcm"])
+def test_the_pydicom_fallback_reads_the_same_uids(name):
+    path = get_testdata_file(name)
+    ds = pydicom.dcmread(path)
+    head = _read_uids(path)
+    for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        assert head.get(key) == ds.get(key)
+    assert "PixelData" not in head
 
 
 def test_head_parser_defers_when_it_cannot_see_the_uids():
