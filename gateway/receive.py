@@ -375,6 +375,7 @@ class _GatewaySocket(AssociationSocket):
                 "closing the connection from %s: it declared a PDU of %d bytes, more than "
                 "node.max_pdu_size allows (%d)", self.gateway_peer(), nr_bytes, self.gateway_limit,
             )
+            self._closed()
             return bytearray()
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
@@ -384,6 +385,7 @@ class _GatewaySocket(AssociationSocket):
             n = sock.recv_into(view[got:], nr_bytes - got)
             if not n:
                 view.release()
+                self._closed()
                 return buf[:got]
             got += n
         if _QUICKACK is not None:
@@ -392,6 +394,14 @@ class _GatewaySocket(AssociationSocket):
             except OSError:
                 pass
         return buf
+
+    def _closed(self) -> None:
+        """The connection ends here. If it never sent an A-ASSOCIATE-RQ (a port probe, a
+        health check), wake the association thread, which would otherwise hold a
+        node.max_associations slot until the ACSE timeout waiting for one."""
+        assoc = self.assoc
+        if not assoc.is_established and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)  # read as "no request came": the thread ends
 
     @property
     def ready(self) -> bool:

@@ -211,9 +211,9 @@ def hold_association(gw, timeout: float = 1.0):
 
 
 def test_max_associations_rejects_the_extra_one(dcmtk, gateway_factory):
-    # The fixture's readiness probe (a bare TCP connect) holds a slot until the ACSE timeout.
-    gw = gateway_factory(node={"max_associations": 1, "acse_timeout_seconds": 1})
-    holder = hold_association(gw, timeout=10)
+    # The fixture's readiness probes (bare TCP connects) must not hold the only slot.
+    gw = gateway_factory(node={"max_associations": 1})
+    holder = hold_association(gw, timeout=3)
     try:
         refused = dcmtk.echoscu(gw.port, gw.ae_title)
         assert refused.returncode != 0
