@@ -302,24 +302,30 @@ class Sender:
             attempts, r.initial_backoff_seconds, r.max_backoff_seconds, self._rand
         )
 
-    def _fail(self, out: _Outcomes, item: queue.Item, reason: str, permanent: bool = False) -> None:
-        holder = {}
-
-        def op(conn):
-            holder["state"] = queue.mark_attempt_failed(
-                conn, item.id, reason, self._clock(), self.config.retry.max_attempts,
-                self._delay, permanent=permanent,
-            )
-        out.add(op)
-        # attempts as known at claim time; the row holds the exact count
-        attempt = item.attempts + 1
+    def _fail(
+        self, out: _Outcomes, item: queue.Item, reason: str, permanent: bool = False, quiet: bool = False
+    ) -> None:
+        """Record a failed attempt; one log line unless ``quiet`` (the caller logs the batch)."""
+        out.add(lambda conn: queue.mark_attempt_failed(
+            conn, item.id, reason, self._clock(), self.config.retry.max_attempts,
+            self._delay, permanent=permanent,
+        ))
+        attempt = item.attempts + 1  # as claimed; the row holds the exact count
         if permanent or attempt >= self.config.retry.max_attempts:
             log.error("failed SOP %s to %s for good after %d attempt(s): %s",
                       item.sop_instance_uid, self.name, attempt, reason)
-        else:
+        elif not quiet:
             log.warning("could not send SOP %s to %s (attempt %d of %d, will retry): %s",
                         item.sop_instance_uid, self.name, attempt,
                         self.config.retry.max_attempts, reason)
+
+    def _fail_all(self, out: _Outcomes, items: list[queue.Item], reason: str) -> None:
+        """The destination is unreachable: one line for the batch, not one per item."""
+        if items:
+            log.warning("could not send %d item(s) to %s, will retry with backoff: %s",
+                        len(items), self.name, reason)
+        for item in items:
+            self._fail(out, item, reason, quiet=True)
 
     def _sent(self, out: _Outcomes, item: queue.Item, status: int) -> None:
         out.add(lambda conn: queue.mark_sent(conn, item.id, self._clock(), item.claimed_at))
@@ -443,9 +449,7 @@ class Sender:
                 if assoc is None or not assoc.is_established:
                     assoc = self._associate(plan)
                     if not assoc.is_established:
-                        reason = scu.describe_failure(assoc, self.dest)
-                        for item in todo:
-                            self._fail(out, item, reason)
+                        self._fail_all(out, todo, scu.describe_failure(assoc, self.dest))
                         todo = []
                         break
                 item = todo[0]
@@ -478,8 +482,7 @@ class Sender:
                         self._fail(out, item, reason)
                         todo.pop(0)
                     if lost_in_row >= MAX_LOST_ASSOCIATIONS:
-                        for rest in todo:
-                            self._fail(out, rest, reason)
+                        self._fail_all(out, todo, reason)
                         todo = []
                     continue
                 todo.pop(0)
