@@ -93,26 +93,23 @@ def plan_contexts(items: list[queue.Item], limit: int = MAX_CONTEXTS) -> _Plan:
     return plan
 
 
-def _guard_responses(assoc) -> None:
-    """Keep the association's reactor thread from taking our C-STORE responses.
+def _take_socket(assoc) -> None:
+    """Stop the association's DUL thread from reading: our thread reads the C-STORE responses.
 
-    pynetdicom 3.0.4's association thread polls the DIMSE queue without blocking whenever it
-    is not paused, and drops what it finds there that is not a request ("Received unexpected
-    C-STORE service message"); the sender then waits out the DIMSE timeout. ``send_c_store``
-    pauses it with a check that can race (about once in 3000 messages here); we never pause
-    it at all, so without this guard it took 40-60 of 3000 small responses. A storage SCU
-    never expects an unsolicited DIMSE message: the thread's non-blocking poll now sees
-    nothing, and our blocking wait gets every response, in order.
+    Two reasons not to use pynetdicom's DIMSE path for them. Its association thread polls
+    the DIMSE queue without blocking whenever it is not paused and drops what it finds that
+    is not a request ("Received unexpected C-STORE service message"); ``send_c_store``
+    pauses it with a check that can race (about once in 3000 messages), and the sender then
+    waits out the DIMSE timeout. And every response would cost a 1 ms poll sleep plus the
+    PDU and command-set decoding in that thread. Nothing else arrives on a storage SCU's
+    association between A-ASSOCIATE-AC and our first request, so this is switched at a PDU
+    boundary; ``_give_back_socket`` before any release or abort, which the DUL must see.
     """
-    dimse = assoc.dimse
-    original = dimse.get_msg
+    assoc.dul._is_transport_event = lambda: False
 
-    def get_msg(block: bool = False):
-        if not block:
-            return None, None
-        return original(block=True)
 
-    dimse.get_msg = get_msg
+def _give_back_socket(assoc) -> None:
+    assoc.dul.__dict__.pop("_is_transport_event", None)
 
 
 def _element(group_elem: int, value: bytes) -> bytes:
@@ -193,6 +190,77 @@ def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, leng
         timer.restart()
         if not remaining:
             return
+
+
+class _PeerGone(Exception):
+    """The peer aborted, asked to release or broke the protocol while we waited."""
+
+
+def _recv_exact(sock, n: int, timer) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:])
+        if not r:
+            raise ConnectionResetError("the peer closed the connection")
+        got += r
+        timer.restart()
+    return bytes(buf)
+
+
+def _command_fields(command: bytes) -> dict[int, bytes]:
+    """Element number -> value of an Implicit VR Little Endian command set (group 0000)."""
+    fields, pos = {}, 0
+    while pos + 8 <= len(command):
+        group, elem, length = struct.unpack_from("<HHI", command, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > len(command):
+            raise _PeerGone("sent a malformed command set")
+        fields[elem] = command[pos:pos + length]
+        pos += length
+    return fields
+
+
+def read_response(assoc, message_id: int, max_pdu: int) -> tuple[int, str]:
+    """Read P-DATA-TF PDUs from the socket until the C-STORE-RSP to ``message_id``: (status, comment).
+
+    Raises ``_PeerGone`` for an A-ABORT, an A-RELEASE-RQ, anything else unexpected or a PDU
+    longer than ``max_pdu``; ``TimeoutError`` when nothing comes within the socket timeout.
+    """
+    sock = assoc.dul.socket.socket
+    timer = assoc.dul._idle_timer
+    command = b""
+    while True:
+        head = _recv_exact(sock, 6, timer)
+        pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
+        if pdu_type == 0x07:
+            raise _PeerGone("aborted the association")
+        if pdu_type == 0x05:
+            raise _PeerGone("asked to release the association in the middle of a C-STORE")
+        if pdu_type != 0x04 or length > max_pdu + 6:
+            raise _PeerGone(f"sent an unexpected PDU (type 0x{pdu_type:02X}, {length} bytes)")
+        body = _recv_exact(sock, length, timer)
+        pos = 0
+        while pos + 6 <= len(body):
+            item_len = struct.unpack_from(">I", body, pos)[0]
+            control = body[pos + 5]
+            data = body[pos + 6:pos + 4 + item_len]
+            pos += 4 + item_len
+            if not control & 0x01:
+                raise _PeerGone("sent a data set with a C-STORE response")
+            command += data
+            if not control & 0x02:
+                continue
+            fields, command = _command_fields(command), b""
+            field_ = fields.get(0x0100, b"")
+            if field_ != b"\x01\x80" or len(fields.get(0x0900, b"")) != 2:
+                raise _PeerGone("sent a message that is not a C-STORE response")
+            if struct.unpack("<H", fields.get(0x0120, b"\0\0"))[0] != message_id:
+                log.warning("ignored a C-STORE response to another message")
+                continue
+            comment = fields.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
+            return struct.unpack("<H", fields[0x0900])[0], comment
 
 
 class _Outcomes:
@@ -353,7 +421,7 @@ class Sender:
             max_pdu=self.config.node.max_pdu_size, evt_handlers=scu.NODELAY_HANDLERS,
         )
         if assoc.is_established:
-            _guard_responses(assoc)
+            _take_socket(assoc)
             # bounds write_message's sendall; the DUL only reads after select says data is there
             assoc.dul.socket.socket.settimeout(self.config.forward.dimse_timeout_seconds)
         return assoc
@@ -380,8 +448,8 @@ class Sender:
         self._msg_id = self._msg_id % 65535 + 1
         return self._msg_id
 
-    def _c_store(self, assoc, item: queue.Item, path: Path, cx, convert: bool) -> int | None:
-        """Send one C-STORE and wait for its own response; the status, or None when none came.
+    def _c_store(self, assoc, item: queue.Item, path: Path, cx, convert: bool) -> tuple[int, str]:
+        """Send one C-STORE and read its own response: (status, error comment).
 
         The data set is streamed from the stored file after its meta header, as it is; only a
         conversion between uncompressed syntaxes decodes and re-encodes it.
@@ -401,26 +469,22 @@ class Sender:
                 length = source.seek(0, 2) - offset
                 source.seek(offset)
                 write_message(assoc, cx.context_id, command, source, length)
-        while True:
-            _cx, rsp = assoc.dimse.get_msg(block=True)
-            if rsp is None:
-                return None
-            if getattr(rsp, "MessageIDBeingRespondedTo", None) == msg_id and rsp.is_valid_response:
-                return int(rsp.Status)
-            log.warning("ignored an unexpected %s from %s", type(rsp).__name__, self.name)
+        return read_response(assoc, msg_id, self.config.node.max_pdu_size)
 
-    def _lost(self, assoc, exc: Exception | None = None) -> str:
-        if isinstance(exc, ConnectionError):
-            return f"connection to {self._where()} lost while sending ({exc.strerror or exc})"
+    def _lost(self, exc: Exception) -> str:
+        """One sentence for a request that got no response."""
+        if isinstance(exc, _PeerGone):
+            return f"{self._where()} {exc}"
         if isinstance(exc, TimeoutError):
-            return (f"{self._where()} stopped reading for "
-                    f"{self.config.forward.dimse_timeout_seconds:g} s while we sent")
-        if assoc.is_aborted or not assoc.is_established:
-            return f"association aborted by {self._where()} while sending"
-        return (
-            f"no C-STORE response from {self._where()} within "
-            f"{self.config.forward.dimse_timeout_seconds:g} s"
-        )
+            return (f"no C-STORE response from {self._where()} within "
+                    f"{self.config.forward.dimse_timeout_seconds:g} s")
+        return f"connection to {self._where()} lost while sending ({getattr(exc, 'strerror', None) or exc})"
+
+    @staticmethod
+    def _abort(assoc) -> None:
+        _give_back_socket(assoc)
+        if assoc.is_established:
+            assoc.abort()
 
     # ------------------------------------------------------------------ a batch
 
@@ -459,21 +523,11 @@ class Sender:
                     resolved += 1
                     todo.pop(0)
                     continue
-                sock_error = None
                 try:
-                    status = self._c_store(assoc, item, data_dir / item.path, cx, convert)
-                except (ConnectionError, TimeoutError) as exc:
-                    sock_error, status = exc, None  # the peer went away or stopped reading
-                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-                    # unreadable file, or one pydicom cannot convert: the association's state is unknown
-                    assoc.abort()
-                    self._fail(out, item, f"cannot send the stored file {item.path}: {exc}")
-                    todo.pop(0)
-                    continue
-                if status is None:
-                    reason = self._lost(assoc, sock_error)
-                    if assoc.is_established:
-                        assoc.abort()
+                    status, comment = self._c_store(assoc, item, data_dir / item.path, cx, convert)
+                except (ConnectionError, TimeoutError, _PeerGone) as exc:
+                    self._abort(assoc)
+                    reason = self._lost(exc)
                     lost_in_row += 1
                     log.warning("%s (SOP %s); reconnecting", reason, item.sop_instance_uid)
                     if item.id not in retried:
@@ -485,6 +539,12 @@ class Sender:
                         self._fail_all(out, todo, reason)
                         todo = []
                     continue
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+                    # unreadable file, or one pydicom cannot convert: the association's state is unknown
+                    self._abort(assoc)
+                    self._fail(out, item, f"cannot send the stored file {item.path}: {exc}")
+                    todo.pop(0)
+                    continue
                 todo.pop(0)
                 category = code_to_category(status)
                 if category in ("Success", "Warning"):
@@ -493,13 +553,16 @@ class Sender:
                     resolved += 1
                     self._sent(out, item, status)
                 else:
+                    detail = f": {comment}" if comment else ""
                     self._fail(
                         out, item,
-                        f"{self.dest.ae_title} answered C-STORE with status 0x{status:04X} ({category})",
+                        f"{self.dest.ae_title} answered C-STORE with status 0x{status:04X} ({category}){detail}",
                     )
         finally:
-            if assoc is not None and assoc.is_established:
-                assoc.release()
+            if assoc is not None:
+                _give_back_socket(assoc)
+                if assoc.is_established:
+                    assoc.release()
             out.commit()
             self._release(todo)
         return sent, bool(resolved or plan.overflow)

@@ -77,3 +77,21 @@ def test_dataset_offset_matches_pynetdicoms_meta_parser(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with open(path, "rb") as f:
         assert forward.dataset_offset(f, path) == split_dataset(path)[1]
+
+
+def test_command_fields_reads_a_c_store_response_encoded_by_pynetdicom():
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 42
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3"
+    rsp.Status = 0xA700
+    rsp.ErrorComment = "disk full"
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    fields = forward._command_fields(encode(msg.command_set, True, True))
+    assert fields[0x0100] == b"\x01\x80"
+    assert fields[0x0120] == (42).to_bytes(2, "little")
+    assert fields[0x0900] == (0xA700).to_bytes(2, "little")
+    assert fields[0x0902].rstrip(b" ") == b"disk full"
