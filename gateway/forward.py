@@ -5,6 +5,11 @@ destination accepted the SOP class only in another uncompressed transfer syntax.
 Success/Warning -> sent; a failure status, a refused/rejected/aborted association or a timeout
 -> retry after jittered exponential backoff, ``failed`` after ``retry.max_attempts``; a SOP
 class or transfer syntax the destination refuses -> ``failed`` at once, with that reason.
+
+pynetdicom negotiates, releases and aborts the association; between A-ASSOCIATE-AC and the
+release the C-STORE requests and responses go over its socket from the sender's own thread
+(``write_message``, ``read_response``): faster than its DUL thread, and free of its
+lost-response race (see ``_take_socket``).
 """
 
 from __future__ import annotations
@@ -159,8 +164,8 @@ def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, leng
 
     pynetdicom queues every PDU to its DUL thread, which encodes and sends one per loop turn:
     at the peers' usual 16 KiB maximum PDU that costs more than the network does. The DUL
-    thread only reads while we write (a storage SCU has nothing else to send mid-message),
-    so the request goes out here: the ``command`` set, then ``length`` bytes of data set read
+    thread does not touch the socket meanwhile (``_take_socket``; a storage SCU has nothing
+    else to send), so the request goes out here: the ``command`` set, then ``length`` bytes of data set read
     from ``source`` into one reused buffer, every PDU within the peer's maximum length. A
     peer that stops reading makes ``sendall`` time out (socket timeout = DIMSE timeout).
     """
