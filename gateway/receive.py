@@ -210,6 +210,16 @@ class Spooler:
     def take(self, path) -> SpoolFile | None:
         return self.files.pop(str(path), None)
 
+    def discard_all(self) -> None:
+        """Close and remove spool files no handler took (a request pynetdicom refused itself)."""
+        while self.files:
+            _, spool = self.files.popitem()
+            spool.close()
+            try:
+                os.unlink(spool.name)
+            except OSError:
+                pass
+
 
 _pynetdicom_temp_file = dimse_messages.NamedTemporaryFile
 
@@ -492,6 +502,12 @@ def _on_conn_open(event, limits: Limits) -> None:
             assoc.unbind(event_type, handler)
 
 
+def _on_conn_close(event) -> None:
+    spooler = getattr(event.assoc, "gateway_spooler", None)
+    if spooler is not None:
+        spooler.discard_all()
+
+
 def _on_established(event) -> None:
     log.info("association from %s established", _peer(event.assoc))
 
@@ -749,6 +765,7 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
     handlers = [
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_CONN_OPEN, _on_conn_open, [limits]),
+        (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_ESTABLISHED, _on_established),
         (evt.EVT_REJECTED, _on_rejected, [config]),
         (evt.EVT_C_ECHO, _on_echo),

@@ -69,6 +69,14 @@ def test_spool_writes_through_and_names_itself(tmp_path):
     assert spooler.take(spool.name) is spool and spooler.take(spool.name) is None
 
 
+def test_spools_left_untaken_are_removed_when_the_connection_closes(tmp_path):
+    spooler = Spooler(tmp_path, max_bytes=1000, min_free_bytes=0)
+    spooler.open().write(b"x")
+    spooler.open()
+    spooler.discard_all()
+    assert list(tmp_path.iterdir()) == [] and spooler.files == {}
+
+
 def test_spool_refuses_more_than_max_instance_bytes_and_frees_the_space(tmp_path):
     spool = Spooler(tmp_path, max_bytes=100, min_free_bytes=0).open()
     for _ in range(5):
