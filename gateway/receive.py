@@ -695,8 +695,8 @@ class ReceiveServer:
     """The listening AE; ``shutdown()`` stops accepting, lets running associations finish
     (bounded by ``grace`` seconds), aborts the rest and closes the database."""
 
-    def __init__(self, ae: AE, server, conn, config: Config):
-        self.ae, self.server, self.conn, self.config = ae, server, conn, config
+    def __init__(self, ae: AE, server, store: Store, config: Config):
+        self.ae, self.server, self.store, self.config = ae, server, store, config
         self.address = server.server_address
 
     def shutdown(self, grace: float = 5.0) -> None:
@@ -716,7 +716,7 @@ class ReceiveServer:
             assoc.dul.kill_dul()
         for assoc in self.server.active_associations:
             assoc.dul.join(1.0)
-        self.conn.close()
+        self.store.close()
 
     def _established(self) -> list:
         return [a for a in self.server.active_associations if a.is_established]
@@ -779,4 +779,4 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
             f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc} "
             "(is another gateway running? change node.port)"
         ) from None
-    return ReceiveServer(ae, server, conn, config)
+    return ReceiveServer(ae, server, store, config)

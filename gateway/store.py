@@ -222,6 +222,11 @@ class Store:
         self.clock = clock
         self._db_lock = threading.Lock()
 
+    def close(self) -> None:
+        """Close the connection; a handler still running afterwards gets Outcome.FAILED."""
+        with self._db_lock:
+            self.conn.close()
+
     def add_spooled(self, item: Incoming) -> Result:
         """Check, place and index one spooled instance; never raises for a per-instance problem."""
         sop = item.sop_instance_uid
