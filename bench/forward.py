@@ -29,8 +29,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.make_ct_series import make_ct_series
-
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -189,6 +187,7 @@ def main() -> None:
 
     from gateway import config as config_mod
     from gateway import sendfiles
+    from scripts.make_ct_series import make_ct_series
 
     folder = Path(tempfile.mkdtemp(prefix="bench-forward-"))
     targets: list[Target] = []
