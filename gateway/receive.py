@@ -39,6 +39,7 @@ from pydicom.filereader import read_partial
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 from pynetdicom import (
@@ -722,6 +723,20 @@ class ReceiveServer:
         return [a for a in self.server.active_associations if a.is_established]
 
 
+def _preferred_transfer_syntaxes() -> list[str]:
+    """Every syntax pynetdicom knows, compressed ones first.
+
+    pynetdicom accepts the first of *our* syntaxes that the peer proposed. A peer proposes a
+    compressed syntax when its data is compressed (DCMTK's storescu proposes it next to the
+    uncompressed ones); accepting an uncompressed one would make it decompress, or fail on a
+    codec it lacks. Compressed first keeps every instance as it was sent.
+    """
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+    compressed = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in uncompressed]
+    return compressed + [ts for ts in uncompressed if ts in ALL_TRANSFER_SYNTAXES]
+
+
 def _clean_spool(folder: Path) -> None:
     """Spool files left by a crash are incomplete and were never acknowledged: remove them."""
     for leftover in folder.glob("rx-*.dcm*"):
@@ -756,9 +771,10 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
     ae.dimse_timeout = node.dimse_timeout_seconds
     ae.require_called_aet = node.require_called_ae_title
     ae.require_calling_aet = list(config.security.allowed_calling_aets)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    syntaxes = _preferred_transfer_syntaxes()
+    ae.add_supported_context(Verification, syntaxes)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, syntaxes)
 
     limits = Limits(spool_dir, node.max_pdu_size, config.storage.max_instance_bytes,
                     config.storage.min_free_bytes)

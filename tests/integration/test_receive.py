@@ -117,6 +117,21 @@ def test_store_bundled_and_synthetic_series_then_echo(dcmtk, gateway_factory, ct
     assert '"instances": 102' in status.stdout and '"series": 3' in status.stdout
 
 
+def test_compressed_instances_are_stored_as_received(dcmtk, gateway_factory):
+    gw = gateway_factory()
+    # storescu proposes the compressed syntax first and the uncompressed ones after it;
+    # the gateway must pick the compressed one (DCMTK cannot decode JPEG 2000 here anyway).
+    files = []
+    for name, propose in (("JPEG2000.dcm", "-xw"), ("SC_rgb_rle.dcm", "-xr")):
+        files.append(Path(get_testdata_file(name)))
+        store_ok(dcmtk, gw, files[-1], extra=(propose,))
+    for src in files:
+        sent = pydicom.dcmread(src)
+        stored = pydicom.dcmread(var(gw) / rows(gw)[sent.SOPInstanceUID]["path"])
+        assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID  # no transcoding
+        assert stored.PixelData == sent.PixelData
+
+
 def test_same_sop_instance_again_replaces_and_keeps_one_row(dcmtk, gateway_factory, ct_series):
     gw = gateway_factory()
     first = ct_series(1, 64, 64)[0]
