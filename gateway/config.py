@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
+from gateway.validation import key_path, show
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.yaml")
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -182,25 +183,6 @@ class Config(_Model):
         return self.forward.calling_ae_title or self.node.ae_title
 
 
-def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    if isinstance(value, (dict, list)):
-        text = yaml.safe_dump(value, default_flow_style=True).strip()
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _key_path(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif str(item) in {"function-after[_ae_title(), constrained-str]"}:
-            continue
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
 _REASONS = {
     "extra_forbidden": "unknown key (check the spelling against config/gateway.yaml)",
     "missing": "is required",
@@ -226,15 +208,15 @@ _REASONS = {
 def _problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
+        loc = tuple(err["loc"])
         kind = err["type"]
         if kind == "value_error":
             reason = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         else:
             reason = _REASONS.get(kind, err["msg"][0].lower() + err["msg"][1:])
-        line = f"{_key_path(loc)}: {reason}"
+        line = f"{key_path(loc)}: {reason}"
         if kind != "missing":
-            line += f", got {_show(err['input'])}"
+            line += f", got {show(err['input'])}"
         problems.append(line)
     return problems
 
@@ -249,7 +231,7 @@ def _route_problems(raw: dict) -> list[str]:
             if not isinstance(name, str) or not _DEST_NAME.match(name):
                 problems.append(
                     f"destinations.{name}: destination names must be letters, digits, '_', '-' or '.', "
-                    f"got {_show(name)}"
+                    f"got {show(name)}"
                 )
     if isinstance(routes, dict) and isinstance(dests, dict):
         for route in ("results", "received"):
@@ -260,7 +242,7 @@ def _route_problems(raw: dict) -> list[str]:
                         known = ", ".join(sorted(map(str, dests))) or "none configured"
                         problems.append(
                             f"routes.{route}[{i}]: must name a destination under 'destinations' "
-                            f"({known}), got {_show(name)}"
+                            f"({known}), got {show(name)}"
                         )
     return problems
 
@@ -270,7 +252,7 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"(top level): must be a mapping of sections, got {_show(raw)}"])
+        raise ConfigError([f"(top level): must be a mapping of sections, got {show(raw)}"])
     problems: list[str] = []
     config = None
     # Absent sections are validated as empty ones so their default paths resolve too.

@@ -28,7 +28,7 @@ is allowed; unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -42,6 +42,7 @@ from pydantic import (
 
 from gateway import uids
 from gateway.errors import JobError
+from gateway.validation import key_path, show
 
 MAX_SIDECAR_BYTES = 64 * 1024
 
@@ -130,23 +131,6 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _loc(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif isinstance(item, str) and ("[" in item or "(" in item):
-            continue  # pydantic's internal validator names
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
 _ALLOWED_KEYS = {
     (): sorted(Job.model_fields),
     ("source",): sorted(Source.model_fields),
@@ -172,19 +156,19 @@ def _reason(err: dict) -> str:
         parent = tuple(p for p in loc[:-1] if not isinstance(p, int))[-1:]
         allowed = _ALLOWED_KEYS.get(parent, ())
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        return f"sidecar key '{_loc(loc)}' is not known{hint}"
+        return f"sidecar key '{key_path(loc)}' is not known{hint}"
     if kind == "missing":
-        return f"sidecar key '{_loc(loc)}' is required"
+        return f"sidecar key '{key_path(loc)}' is required"
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected", "")
-        return f"sidecar key '{_loc(loc)}' must be one of {expected}, got {_show(err['input'])}"
+        return f"sidecar key '{key_path(loc)}' must be one of {expected}, got {show(err['input'], 60)}"
     if kind == "value_error":
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
     elif kind in _MESSAGES:
         msg = _MESSAGES[kind]
     else:
         msg = err["msg"].replace("Input should be", "must be")
-    return f"sidecar key '{_loc(loc)}' {msg}, got {_show(err['input'])}"
+    return f"sidecar key '{key_path(loc)}' {msg}, got {show(err['input'], 60)}"
 
 
 def parse(data: bytes) -> Job:
