@@ -22,7 +22,7 @@ log = logging.getLogger("gateway")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """One line per event on stderr; pynetdicom's own chatter only from WARNING up."""
+    """One line per event on stderr, from our own modules (library chatter only at DEBUG)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(
@@ -32,7 +32,10 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pynetdicom logs each refused connection or bad PDU as several ERROR lines; our own
+    # modules already log one line per outcome, so its chatter shows only at DEBUG.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # "skipped: maximum number of running instances" each poll while a long batch runs: normal
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)

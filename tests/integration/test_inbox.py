@@ -492,6 +492,8 @@ def test_sources_over_cstore_results_forwarded_to_orthanc(tmp_path, series, dcmt
     mask[2:6, 20:40, 20:40] = True
     # The job arrives before its source: it waits, then runs once the series is in.
     drop_job(inbox_dir, "early_mask", mask, {"source": src, "series_description": "AI mask"})
+    wait_until(lambda: "job early_mask waits for source series" in gw.log(), 30, 0.05,
+               "the job to wait for its source")
     sent = dcmtk.storescu(gw.port, gw.ae_title, *paths)
     assert sent.returncode == 0, sent.stderr
     heat = np.arange(N * R * C, dtype=np.uint16).reshape(N, R, C) % 4096
@@ -518,4 +520,3 @@ def test_sources_over_cstore_results_forwarded_to_orthanc(tmp_path, series, dcmt
     for ds in got.values():
         assert f"derived SOP {ds.SOPInstanceUID}" in log
         assert f"queued SOP {ds.SOPInstanceUID} for pacs" in log
-    assert "job early_mask waits for source series" in log
