@@ -11,107 +11,43 @@ Frame order: frame k of the array is the k-th source plane as ``geometry`` order
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian
 
-from gateway import __version__, encode
+from gateway import encode
+from gateway.derive_common import (
+    DEFAULT_SERIES_NUMBER,
+    MF_GRAYSCALE_BYTE_SC,
+    MF_GRAYSCALE_WORD_SC,
+    MF_SINGLE_BIT_SC,
+    MF_TRUE_COLOR_SC,
+    SECONDARY_CAPTURE,
+    SEGMENTATION_STORAGE,
+    SOP_CLASS_NAMES,
+    Derived,
+    Options,
+    check_bits,
+    common_modules,
+    da,
+    tm,
+    value_range,
+)
 from gateway.errors import JobError
 from gateway.geometry import source_geometry
 from gateway.sidecar import Job, Kind, Segment, default_kind
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-MF_SINGLE_BIT_SC = "1.2.840.10008.5.1.4.1.1.7.1"
-MF_GRAYSCALE_BYTE_SC = "1.2.840.10008.5.1.4.1.1.7.2"
-MF_GRAYSCALE_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
-MF_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
-
-SOP_CLASS_NAMES = {
-    SEGMENTATION_STORAGE: "Segmentation",
-    SECONDARY_CAPTURE: "Secondary Capture",
-    MF_SINGLE_BIT_SC: "Multi-frame Single Bit Secondary Capture",
-    MF_GRAYSCALE_BYTE_SC: "Multi-frame Grayscale Byte Secondary Capture",
-    MF_GRAYSCALE_WORD_SC: "Multi-frame Grayscale Word Secondary Capture",
-    MF_TRUE_COLOR_SC: "Multi-frame True Color Secondary Capture",
-}
-
-DEFAULT_SERIES_NUMBER = 900
-
-# Patient and study attributes copied from the source (type 2 ones written empty when absent).
-_TYPE2_COPIED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
-_OPTIONAL_COPIED = (
-    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
-    "PatientBirthTime", "PatientComments", "EthnicGroup", "PatientIdentityRemoved",
-    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "StudyDescription", "IssuerOfAccessionNumberSequence", "ProcedureCodeSequence",
-    "PatientAge", "PatientSize", "PatientWeight",
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
-    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
-)
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a derivation needs besides its inputs: names, clock, UIDs and switches."""
-
-    job_name: str
-    now: datetime
-    new_uid: Callable[[], str]
-    keep_empty_frames: bool = False
-    manufacturer: str = "dicom-gateway"
-    model_name: str = "dicom-gateway"
-    device_serial_number: str = "1"
-    software_version: str = __version__
-
-
-@dataclass(frozen=True)
-class Derived:
-    dataset: Dataset
-    kind: Kind
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    frames: int
-    segments: int = 0
-    summary: str = ""
-
-
-# --------------------------------------------------------------------------- array checks
+# The names callers reach through ``derive`` (inbox, offline, tests).
+__all__ = [
+    "DEFAULT_SERIES_NUMBER", "MF_GRAYSCALE_BYTE_SC", "MF_GRAYSCALE_WORD_SC", "MF_SINGLE_BIT_SC",
+    "MF_TRUE_COLOR_SC", "SECONDARY_CAPTURE", "SEGMENTATION_STORAGE", "SOP_CLASS_NAMES",
+    "Derived", "Options", "derive",
+]
 
 _SC_DTYPES = {"bool", "uint8", "int8", "uint16", "int16"}
-
-
-def _value_range(arr: np.ndarray) -> tuple[int, int]:
-    if arr.size == 0:
-        return 0, 0
-    return int(arr.min()), int(arr.max())
-
-
-def _check_bits(arr: np.ndarray, bits_stored: int) -> None:
-    if arr.dtype.kind == "b":
-        return
-    low, high = _value_range(arr)
-    if arr.dtype.kind == "i" and low < 0:
-        lo_ok, hi_ok = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
-    else:
-        lo_ok, hi_ok = 0, 2**bits_stored - 1
-    if low < lo_ok or high > hi_ok:
-        raise JobError(
-            f"the array's values run from {low} to {high}, outside the {lo_ok} to {hi_ok} that "
-            f"bits_stored {bits_stored} allows; raise bits_stored or rescale the values"
-        )
 
 
 def _check_dtype(arr: np.ndarray, kind: Kind) -> None:
@@ -143,58 +79,11 @@ def _code(scheme: str, value: str, meaning: str) -> Dataset:
     return item
 
 
-def _da(now: datetime) -> str:
-    return now.strftime("%Y%m%d")
-
-
-def _tm(now: datetime) -> str:
-    return now.strftime("%H%M%S.%f")
-
-
-def _patient_and_study(ds: Dataset, source: Dataset) -> None:
-    if "SpecificCharacterSet" in source:
-        ds.SpecificCharacterSet = source.SpecificCharacterSet
-    for keyword in _TYPE2_COPIED:
-        if keyword in source:
-            ds[keyword] = source[keyword]
-        else:
-            setattr(ds, keyword, "")
-    for keyword in _OPTIONAL_COPIED:
-        if keyword in source:
-            ds[keyword] = source[keyword]
-    ds.StudyInstanceUID = source.StudyInstanceUID
-
 
 def _content_label(job_name: str) -> str:
     label = re.sub(r"[^A-Z0-9_ ]", "_", job_name.upper())[:16].strip()
     return label or "AI_RESULT"
 
-
-def _common(ds: Dataset, source: Dataset, job: Job, opts: Options, sop_class: str,
-            modality: str, series_uid: str, sop_uid: str) -> None:
-    """SOP Common, Patient, General Study, General Series, General Equipment."""
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = _da(opts.now)
-    ds.InstanceCreationTime = _tm(opts.now)
-    _patient_and_study(ds, source)
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = job.series_number if job.series_number is not None else DEFAULT_SERIES_NUMBER
-    ds.SeriesDate = _da(opts.now)
-    ds.SeriesTime = _tm(opts.now)
-    ds.SeriesDescription = job.series_description or f"dicom-gateway {opts.job_name}"[:64]
-    ds.InstanceNumber = 1
-    ds.ContentDate = _da(opts.now)
-    ds.ContentTime = _tm(opts.now)
-    ds.Manufacturer = opts.manufacturer
-    ds.ManufacturerModelName = opts.model_name
-    ds.DeviceSerialNumber = opts.device_serial_number
-    ds.SoftwareVersions = opts.software_version
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -225,7 +114,7 @@ def _segments(arr: np.ndarray, job: Job) -> list[Segment]:
                 "give one segment or send an integer label map"
             )
         return list(job.segments or [Segment(label="Segment 1")])
-    low, high = _value_range(arr)
+    low, high = value_range(arr)
     if low < 0:
         raise JobError(
             f"the label map holds the negative value {low}; labels are 0 (background) and "
@@ -300,7 +189,7 @@ def _segmentation(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: O
     source = sources[0]
     series_uid, sop_uid, dim_uid = opts.new_uid(), opts.new_uid(), opts.new_uid()
     ds = Dataset()
-    _common(ds, source, job, opts, SEGMENTATION_STORAGE, "SEG", series_uid, sop_uid)
+    common_modules(ds, source, job, opts, SEGMENTATION_STORAGE, "SEG", series_uid, sop_uid)
     ds.ImageType = ["DERIVED", "PRIMARY"]
     if geo.frame_of_reference_uid:
         ds.FrameOfReferenceUID = geo.frame_of_reference_uid
@@ -441,13 +330,13 @@ def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, op
     if not sources:
         raise JobError("the source study has no images in the gateway's store")
     arr, photometric, bits, color = _sc_layout(arr, job)
-    _check_bits(arr, bits)
+    check_bits(arr, bits)
     frames, rows, columns = arr.shape[:3]
     if arr.dtype.kind == "b" and bits != 1:
         raise JobError(f"a bool array is stored with 1 bit, not bits_stored {bits}")
     intercept = 0
     if arr.dtype.kind == "i" and not color:
-        low, _ = _value_range(arr)
+        low, _ = value_range(arr)
         unsigned = np.uint8 if arr.dtype.itemsize == 1 else np.uint16
         if low < 0 and frames > 1:
             # Multi-frame SCs store unsigned pixels only: shift by 2^(bits-1) and say so in
@@ -491,7 +380,7 @@ def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, op
     source = sources[0]
     series_uid, sop_uid = opts.new_uid(), opts.new_uid()
     ds = Dataset()
-    _common(ds, source, job, opts, sop_class, "OT", series_uid, sop_uid)
+    common_modules(ds, source, job, opts, sop_class, "OT", series_uid, sop_uid)
     # General Series Laterality is 2C: copy what the source says; without it, Body Part
     # Examined tells checkers whether the part is paired; with neither, present but empty.
     if "BodyPartExamined" in source:
@@ -504,8 +393,8 @@ def _secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, op
     ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    ds.DateOfSecondaryCapture = _da(opts.now)
-    ds.TimeOfSecondaryCapture = _tm(opts.now)
+    ds.DateOfSecondaryCapture = da(opts.now)
+    ds.TimeOfSecondaryCapture = tm(opts.now)
     if geo is not None:
         refs = []
         for f in geo.frames:
@@ -555,7 +444,7 @@ def derive(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options)
     kind = default_kind(job, arr.dtype.kind)
     _check_dtype(arr, kind)
     if job.bits_stored is not None:
-        _check_bits(arr, job.bits_stored)
+        check_bits(arr, job.bits_stored)
     if arr.size == 0:
         raise JobError(f"the array is empty (shape {arr.shape})")
     if kind is Kind.SEGMENTATION:
