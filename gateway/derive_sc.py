@@ -68,6 +68,7 @@ def _sc_layout(arr: np.ndarray, job: Job) -> tuple[np.ndarray, str, int, bool]:
 
 
 def secondary_capture(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
+    """Called by ``derive.derive`` once dtype and bits_stored are checked; raises ``JobError``."""
     if not sources:
         raise JobError("the source study has no images in the gateway's store")
     arr, photometric, bits, color = _sc_layout(arr, job)

@@ -36,6 +36,7 @@ def _code(scheme: str, value: str, meaning: str) -> Dataset:
 
 
 def _content_label(job_name: str) -> str:
+    """Content Label is a CS: upper case, 16 characters, no punctuation but underscore."""
     label = re.sub(r"[^A-Z0-9_ ]", "_", job_name.upper())[:16].strip()
     return label or "AI_RESULT"
 
@@ -99,6 +100,7 @@ def _occupancy(arr: np.ndarray, n_segments: int) -> np.ndarray:
 
 
 def segmentation(sources: Sequence[Dataset], arr: np.ndarray, job: Job, opts: Options) -> Derived:
+    """Called by ``derive.derive`` once dtype and bits_stored are checked; raises ``JobError``."""
     if not job.source.series_instance_uid:
         raise JobError(
             "a segmentation needs source.series_instance_uid in the sidecar (the series the "
