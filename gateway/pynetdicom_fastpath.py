@@ -1,0 +1,396 @@
+"""Where the gateway replaces parts of pynetdicom 3.0.x, what each replaces, and why.
+
+Every piece here reaches into pynetdicom internals (``AssociationSocket``, the DUL's
+``_run_loop_delay``, ``_is_transport_event`` and ``_idle_timer``, the DIMSE provider's
+``msg_queue`` and ``send_msg``, ``dimse_messages``' module functions), hence the
+``pynetdicom>=3.0,<3.1`` pin in pyproject.toml: check these again before moving it. The
+bytes themselves come from ``gateway.dimse``. The closing notes of bench/receive.py say
+what each receive-side change bought.
+
+Receiving, per association (``tune_acceptor``, called at EVT_CONN_OPEN):
+
+* ``AssociationSocket`` -> ``_GatewaySocket``: TCP_QUICKACK after every read, one read
+  into one buffer bounded by ``node.max_pdu_size`` (pynetdicom reads whatever length a peer
+  declares, in 4 KiB pieces), and ``ready`` waits on the socket instead of the DUL thread
+  sleeping between polls (``_run_loop_delay = 0``).
+* the DIMSE ``msg_queue`` -> ``_ServeAtOnce``: C-STORE/C-ECHO requests are served in the
+  DUL thread that decoded them, not by the association thread's 1 ms poll.
+* ``DIMSEServiceProvider.send_msg`` -> plain C-STORE responses hand-encoded
+  (``dimse.store_response_bytes``) instead of built through a pydicom Dataset.
+* pynetdicom's standard per-PDU/per-message logging handlers are unbound when its logger
+  is quiet: they cost ~5% of a small C-STORE even when their output is filtered out.
+
+Receiving, process-wide (``enable_spooling``; pynetdicom offers no other hook):
+``_config.STORE_RECV_CHUNKED_DATASET`` (stream C-STORE data sets to files), and
+``dimse_messages.NamedTemporaryFile`` / ``create_file_meta`` / ``write_file_meta_info``
+replaced so the data set goes into our ``spool.SpoolFile`` with a hand-encoded file meta
+group. Each replacement hands anything that is not one of our spool files to the original.
+
+Sending (forward), between A-ASSOCIATE-AC and the release: the C-STORE requests and
+responses go over the association's socket from the sender's own thread (``take_socket``,
+``write_message``, ``read_response``) instead of through the DUL thread's queues: faster,
+and free of pynetdicom's lost-response race (see ``take_socket``). pynetdicom still
+negotiates, releases and aborts the association.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from pynetdicom import _config, dimse_messages, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
+
+from gateway.dimse import (
+    ABORT,
+    PDATA_HEAD,
+    PDATA_TF,
+    PDU_HEAD,
+    RELEASE_RQ,
+    MalformedCommand,
+    command_fields,
+    file_meta_bytes,
+    pdv_items,
+    store_response_bytes,
+)
+
+# The lines logged here are receive's and forward's events: they keep those modules' loggers.
+_rx_log = logging.getLogger("gateway.receive")
+_tx_log = logging.getLogger("gateway.forward")
+
+
+# --------------------------------------------------------------------------- receiving: process-wide
+
+_pynetdicom_temp_file = dimse_messages.NamedTemporaryFile
+_pynetdicom_create_file_meta = dimse_messages.create_file_meta
+_pynetdicom_write_file_meta_info = dimse_messages.write_file_meta_info
+
+
+def _spool_file(*args, **kwargs):
+    """Stands in for pynetdicom's NamedTemporaryFile: our spool file on receiving associations.
+
+    pynetdicom decodes incoming P-DATA in the association's DUL thread, whose ``assoc`` tells
+    which server (and so which spool folder and limits) the data set belongs to: receive
+    binds a ``spool.Spooler`` to the association as ``gateway_spooler`` when it opens.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    spooler = getattr(assoc, "gateway_spooler", None)
+    if spooler is None:
+        return _pynetdicom_temp_file(*args, **kwargs)
+    return spooler.open()
+
+
+@dataclass(frozen=True)
+class _MetaRequest:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def _create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax, **kwargs):
+    """For our spool files: remember the three values; ``_write_file_meta_info`` encodes them."""
+    values = (str(sop_class_uid or ""), str(sop_instance_uid or ""), str(transfer_syntax or ""))
+    if kwargs or max(map(len, values)) > 1024:
+        return _pynetdicom_create_file_meta(
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax, **kwargs)
+    return _MetaRequest(*values)
+
+
+def _write_file_meta_info(fp, file_meta, *args, **kwargs):
+    if not isinstance(file_meta, _MetaRequest):
+        return _pynetdicom_write_file_meta_info(fp, file_meta, *args, **kwargs)
+    fp.write(file_meta_bytes(file_meta.sop_class_uid, file_meta.sop_instance_uid,
+                             file_meta.transfer_syntax))
+
+
+def enable_spooling() -> None:
+    """Make pynetdicom stream C-STORE data sets to files (process-wide library settings)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _spool_file
+    dimse_messages.create_file_meta = _create_file_meta
+    dimse_messages.write_file_meta_info = _write_file_meta_info
+
+
+# --------------------------------------------------------------------------- receiving: per association
+
+_IDLE_WAIT = 0.002  # longest a DUL thread waits for socket data before checking its queues
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class _GatewaySocket(AssociationSocket):
+    """The acceptor's socket, tuned; swapped in for pynetdicom's at connection time.
+
+    * ``recv`` refuses PDUs longer than ``node.max_pdu_size`` allows (pynetdicom buffers
+      whatever length a peer declares, so a declared 4 GB PDU would be read whole) and reads
+      into one buffer instead of 4 KiB pieces.
+    * every read re-arms TCP_QUICKACK, so the ACK goes out at once: a peer that leaves
+      Nagle's algorithm on (DCMTK as Debian installs it) otherwise holds its next small
+      write until our delayed ACK fires, ~40 ms per message.
+    * ``ready`` waits on the socket (up to ``_IDLE_WAIT``) instead of the DUL thread sleeping
+      a fixed millisecond between polls: a request is read as soon as it arrives.
+    """
+
+    gateway_limit: int
+    gateway_peer: Callable[[], str]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.gateway_limit:
+            _rx_log.warning(
+                "closing the connection from %s: it declared a PDU of %d bytes, more than "
+                "node.max_pdu_size allows (%d)", self.gateway_peer(), nr_bytes, self.gateway_limit,
+            )
+            self._closed()
+            return bytearray()
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        sock = self.socket
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                view.release()
+                self._closed()
+                return buf[:got]
+            got += n
+        if _QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+        return buf
+
+    def _closed(self) -> None:
+        """The connection ends here. If it never sent an A-ASSOCIATE-RQ (a port probe, a
+        health check), wake the association thread, which would otherwise hold a
+        node.max_associations slot until the ACSE timeout waiting for one."""
+        assoc = self.assoc
+        if not assoc.is_established and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)  # read as "no request came": the thread ends
+
+    @property
+    def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            return False
+        dul = self.assoc.dul
+        busy = bool(dul.to_provider_queue.queue) or bool(dul.event_queue.queue)
+        try:
+            ready, _, _ = select.select([self.socket], [], [], 0 if busy else _IDLE_WAIT)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
+        return bool(ready)
+
+
+class _ServeAtOnce(queue.Queue):
+    """Stands in for the DIMSE message queue: serves C-STORE/C-ECHO requests immediately.
+
+    pynetdicom's association thread polls this queue every millisecond, and the response
+    then waits for the DUL thread's next poll. Serving the request in the DUL thread that
+    just decoded it sends the response on that thread's very next step instead.
+    """
+
+    def __init__(self, assoc):
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item, block=True, timeout=None):
+        context_id, msg = item
+        assoc = self._assoc
+        if (
+            isinstance(msg, (C_STORE, C_ECHO))
+            and threading.current_thread() is assoc.dul
+            and context_id in assoc._accepted_cx
+            and msg.is_valid_request
+        ):
+            assoc._serve_request(msg, context_id)
+            return
+        super().put(item, block, timeout)
+
+
+def _fast_store_responses(dimse) -> None:
+    """Send plain C-STORE responses (status only) hand-encoded; everything else as before."""
+    original = dimse.send_msg
+
+    def send_msg(primitive, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status is not None
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+            and len(primitive.AffectedSOPInstanceUID) <= 1024
+        ):
+            cmd = store_response_bytes(
+                str(primitive.AffectedSOPClassUID), int(primitive.MessageIDBeingRespondedTo),
+                int(primitive.Status), str(primitive.AffectedSOPInstanceUID),
+            )
+            limit = dimse.maximum_pdu_size
+            if not limit or len(cmd) + 6 <= limit:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + cmd))
+                dimse.dul.send_pdu(pdata)
+                return
+        original(primitive, context_id)
+
+    dimse.send_msg = send_msg
+
+
+_STANDARD_LOG_HANDLERS = [
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+]
+
+
+def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
+    """Bounded socket reads, prompt serving and fast responses for one receiving association.
+
+    ``max_pdu`` is ``node.max_pdu_size``; ``peer`` names the peer for the log line when a
+    PDU is refused.
+    """
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = _GatewaySocket
+        # Association PDUs (A-ASSOCIATE-RQ with user identity) may exceed a small max PDU.
+        sock.gateway_limit = max(max_pdu, 65536) + 1024
+        sock.gateway_peer = peer
+        assoc.dul._run_loop_delay = 0  # the socket wait above paces the DUL loop
+    assoc.dimse.msg_queue = _ServeAtOnce(assoc)
+    _fast_store_responses(assoc.dimse)
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # pynetdicom's per-PDU/per-message logging handlers cost ~5% of a small C-STORE
+        # even when their output is filtered out; bound only to this association.
+        for event_type, handler in _STANDARD_LOG_HANDLERS:
+            assoc.unbind(event_type, handler)
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def take_socket(assoc) -> None:
+    """Stop the association's DUL thread from reading: our thread reads the C-STORE responses.
+
+    Two reasons not to use pynetdicom's DIMSE path for them. Its association thread polls
+    the DIMSE queue without blocking whenever it is not paused and drops what it finds that
+    is not a request ("Received unexpected C-STORE service message"); ``send_c_store``
+    pauses it with a check that can race (about once in 3000 messages), and the sender then
+    waits out the DIMSE timeout. And every response would cost a 1 ms poll sleep plus the
+    PDU and command-set decoding in that thread. Nothing else arrives on a storage SCU's
+    association between A-ASSOCIATE-AC and our first request, so this is switched at a PDU
+    boundary; ``give_back_socket`` before any release or abort, which the DUL must see.
+    """
+    assoc.dul._is_transport_event = lambda: False
+
+
+def give_back_socket(assoc) -> None:
+    assoc.dul.__dict__.pop("_is_transport_event", None)
+
+
+def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, length: int) -> None:
+    """Write a C-STORE request as P-DATA-TF PDUs straight to the association's socket.
+
+    pynetdicom queues every PDU to its DUL thread, which encodes and sends one per loop turn:
+    at the peers' usual 16 KiB maximum PDU that costs more than the network does. The DUL
+    thread does not touch the socket meanwhile (``take_socket``; a storage SCU has nothing
+    else to send), so the request goes out here: the ``command`` set, then ``length`` bytes of data set read
+    from ``source`` into one reused buffer, every PDU within the peer's maximum length. A
+    peer that stops reading makes ``sendall`` time out (socket timeout = DIMSE timeout).
+    """
+    peer_max = assoc.acceptor.maximum_length or 0
+    fragment = peer_max - 6 if peer_max else 1024 * 1024
+    sock = assoc.dul.socket.socket
+    timer = assoc.dul._idle_timer  # sent without the DUL: keep its idle timeout from firing
+    for start in range(0, len(command), fragment):
+        chunk = command[start:start + fragment]
+        control = 0x03 if start + fragment >= len(command) else 0x01
+        sock.sendall(PDATA_HEAD.pack(PDATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control) + chunk)
+    buf = bytearray(PDATA_HEAD.size + min(fragment, max(length, 0)))
+    view = memoryview(buf)
+    remaining = length
+    while True:
+        n = min(fragment, remaining)
+        got = 0
+        while got < n:
+            r = source.readinto(view[PDATA_HEAD.size + got:PDATA_HEAD.size + n])
+            if not r:
+                raise OSError(f"the file ended {remaining - got} bytes early")
+            got += r
+        remaining -= n
+        control = 0x00 if remaining else 0x02
+        PDATA_HEAD.pack_into(buf, 0, PDATA_TF, 0, n + 6, n + 2, context_id, control)
+        sock.sendall(view[: PDATA_HEAD.size + n])
+        timer.restart()
+        if not remaining:
+            return
+
+
+class PeerGone(Exception):
+    """The peer aborted, asked to release or broke the protocol while we waited."""
+
+
+def _recv_exact(sock, n: int, timer) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:])
+        if not r:
+            raise ConnectionResetError("the peer closed the connection")
+        got += r
+        timer.restart()
+    return bytes(buf)
+
+
+def read_response(assoc, message_id: int, max_pdu: int) -> tuple[int, str]:
+    """Read P-DATA-TF PDUs from the socket until the C-STORE-RSP to ``message_id``: (status, comment).
+
+    Raises ``PeerGone`` for an A-ABORT, an A-RELEASE-RQ, anything else unexpected or a PDU
+    longer than ``max_pdu``; ``TimeoutError`` when nothing comes within the socket timeout.
+    """
+    sock = assoc.dul.socket.socket
+    timer = assoc.dul._idle_timer
+    command = b""
+    while True:
+        pdu_type, length = PDU_HEAD.unpack(_recv_exact(sock, PDU_HEAD.size, timer))
+        if pdu_type == ABORT:
+            raise PeerGone("aborted the association")
+        if pdu_type == RELEASE_RQ:
+            raise PeerGone("asked to release the association in the middle of a C-STORE")
+        if pdu_type != PDATA_TF or length > max_pdu + 6:
+            raise PeerGone(f"sent an unexpected PDU (type 0x{pdu_type:02X}, {length} bytes)")
+        for control, data in pdv_items(_recv_exact(sock, length, timer)):
+            if not control & 0x01:
+                raise PeerGone("sent a data set with a C-STORE response")
+            command += data
+            if not control & 0x02:
+                continue
+            try:
+                fields = command_fields(command)
+            except MalformedCommand:
+                raise PeerGone("sent a malformed command set") from None
+            command = b""
+            if fields.get(0x0100, b"") != b"\x01\x80" or len(fields.get(0x0900, b"")) != 2:
+                raise PeerGone("sent a message that is not a C-STORE response")
+            if struct.unpack("<H", fields.get(0x0120, b"\0\0"))[0] != message_id:
+                _tx_log.warning("ignored a C-STORE response to another message")
+                continue
+            comment = fields.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
+            return struct.unpack("<H", fields[0x0900])[0], comment
