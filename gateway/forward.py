@@ -8,15 +8,14 @@ class or transfer syntax the destination refuses -> ``failed`` at once, with tha
 
 pynetdicom negotiates, releases and aborts the association; between A-ASSOCIATE-AC and the
 release the C-STORE requests and responses go over its socket from the sender's own thread
-(``write_message``, ``read_response``): faster than its DUL thread, and free of its
-lost-response race (see ``_take_socket``).
+(``pynetdicom_fastpath``: ``write_message``, ``read_response``): faster than its DUL
+thread, and free of its lost-response race (see ``pynetdicom_fastpath.take_socket``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,8 @@ from pynetdicom.status import code_to_category
 
 from gateway import db, queue, scu
 from gateway.config import Config
+from gateway.dimse import dataset_start, store_request_bytes
+from gateway.pynetdicom_fastpath import PeerGone, give_back_socket, read_response, take_socket, write_message
 
 log = logging.getLogger("gateway.forward")
 
@@ -98,174 +99,14 @@ def plan_contexts(items: list[queue.Item], limit: int = MAX_CONTEXTS) -> _Plan:
     return plan
 
 
-def _take_socket(assoc) -> None:
-    """Stop the association's DUL thread from reading: our thread reads the C-STORE responses.
-
-    Two reasons not to use pynetdicom's DIMSE path for them. Its association thread polls
-    the DIMSE queue without blocking whenever it is not paused and drops what it finds that
-    is not a request ("Received unexpected C-STORE service message"); ``send_c_store``
-    pauses it with a check that can race (about once in 3000 messages), and the sender then
-    waits out the DIMSE timeout. And every response would cost a 1 ms poll sleep plus the
-    PDU and command-set decoding in that thread. Nothing else arrives on a storage SCU's
-    association between A-ASSOCIATE-AC and our first request, so this is switched at a PDU
-    boundary; ``_give_back_socket`` before any release or abort, which the DUL must see.
-    """
-    assoc.dul._is_transport_event = lambda: False
-
-
-def _give_back_socket(assoc) -> None:
-    assoc.dul.__dict__.pop("_is_transport_event", None)
-
-
-def _element(group_elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, group_elem, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = str(uid).encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def c_store_command(message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 2) -> bytes:
-    """The C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 9.3.1.1), ready to send.
-
-    Built by hand: pydicom's writer costs about a millisecond per message here, as much as
-    sending a 512 KiB image.
-    """
-    body = b"".join([
-        _element(0x0002, _uid_value(sop_class_uid)),   # Affected SOP Class UID
-        _element(0x0100, struct.pack("<H", 0x0001)),    # Command Field: C-STORE-RQ
-        _element(0x0110, struct.pack("<H", message_id)),
-        _element(0x0700, struct.pack("<H", priority)),
-        _element(0x0800, struct.pack("<H", 0x0001)),    # Command Data Set Type: present
-        _element(0x1000, _uid_value(sop_instance_uid)),  # Affected SOP Instance UID
-    ])
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-_PDU_HEAD = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context, control
-
-
 def dataset_offset(f: BinaryIO, path: Path) -> int:
     """Where the data set starts in a Part 10 file: after preamble, 'DICM' and the meta group.
 
     Read from the File Meta Information Group Length our own files always carry; anything
     else goes through pynetdicom's full meta parser.
     """
-    head = f.read(144)
-    if (len(head) == 144 and head[128:132] == b"DICM"
-            and head[132:140] == b"\x02\x00\x00\x00UL\x04\x00"):
-        return 144 + struct.unpack("<I", head[140:144])[0]
-    return split_dataset(path)[1]
-
-
-def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, length: int) -> None:
-    """Write a C-STORE request as P-DATA-TF PDUs straight to the association's socket.
-
-    pynetdicom queues every PDU to its DUL thread, which encodes and sends one per loop turn:
-    at the peers' usual 16 KiB maximum PDU that costs more than the network does. The DUL
-    thread does not touch the socket meanwhile (``_take_socket``; a storage SCU has nothing
-    else to send), so the request goes out here: the ``command`` set, then ``length`` bytes of data set read
-    from ``source`` into one reused buffer, every PDU within the peer's maximum length. A
-    peer that stops reading makes ``sendall`` time out (socket timeout = DIMSE timeout).
-    """
-    peer_max = assoc.acceptor.maximum_length or 0
-    fragment = peer_max - 6 if peer_max else 1024 * 1024
-    sock = assoc.dul.socket.socket
-    timer = assoc.dul._idle_timer  # sent without the DUL: keep its idle timeout from firing
-    for start in range(0, len(command), fragment):
-        chunk = command[start:start + fragment]
-        control = 0x03 if start + fragment >= len(command) else 0x01
-        sock.sendall(_PDU_HEAD.pack(4, 0, len(chunk) + 6, len(chunk) + 2, context_id, control) + chunk)
-    buf = bytearray(_PDU_HEAD.size + min(fragment, max(length, 0)))
-    view = memoryview(buf)
-    remaining = length
-    while True:
-        n = min(fragment, remaining)
-        got = 0
-        while got < n:
-            r = source.readinto(view[_PDU_HEAD.size + got:_PDU_HEAD.size + n])
-            if not r:
-                raise OSError(f"the file ended {remaining - got} bytes early")
-            got += r
-        remaining -= n
-        control = 0x00 if remaining else 0x02
-        _PDU_HEAD.pack_into(buf, 0, 4, 0, n + 6, n + 2, context_id, control)
-        sock.sendall(view[: _PDU_HEAD.size + n])
-        timer.restart()
-        if not remaining:
-            return
-
-
-class _PeerGone(Exception):
-    """The peer aborted, asked to release or broke the protocol while we waited."""
-
-
-def _recv_exact(sock, n: int, timer) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        r = sock.recv_into(view[got:])
-        if not r:
-            raise ConnectionResetError("the peer closed the connection")
-        got += r
-        timer.restart()
-    return bytes(buf)
-
-
-def _command_fields(command: bytes) -> dict[int, bytes]:
-    """Element number -> value of an Implicit VR Little Endian command set (group 0000)."""
-    fields, pos = {}, 0
-    while pos + 8 <= len(command):
-        group, elem, length = struct.unpack_from("<HHI", command, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > len(command):
-            raise _PeerGone("sent a malformed command set")
-        fields[elem] = command[pos:pos + length]
-        pos += length
-    return fields
-
-
-def read_response(assoc, message_id: int, max_pdu: int) -> tuple[int, str]:
-    """Read P-DATA-TF PDUs from the socket until the C-STORE-RSP to ``message_id``: (status, comment).
-
-    Raises ``_PeerGone`` for an A-ABORT, an A-RELEASE-RQ, anything else unexpected or a PDU
-    longer than ``max_pdu``; ``TimeoutError`` when nothing comes within the socket timeout.
-    """
-    sock = assoc.dul.socket.socket
-    timer = assoc.dul._idle_timer
-    command = b""
-    while True:
-        head = _recv_exact(sock, 6, timer)
-        pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
-        if pdu_type == 0x07:
-            raise _PeerGone("aborted the association")
-        if pdu_type == 0x05:
-            raise _PeerGone("asked to release the association in the middle of a C-STORE")
-        if pdu_type != 0x04 or length > max_pdu + 6:
-            raise _PeerGone(f"sent an unexpected PDU (type 0x{pdu_type:02X}, {length} bytes)")
-        body = _recv_exact(sock, length, timer)
-        pos = 0
-        while pos + 6 <= len(body):
-            item_len = struct.unpack_from(">I", body, pos)[0]
-            control = body[pos + 5]
-            data = body[pos + 6:pos + 4 + item_len]
-            pos += 4 + item_len
-            if not control & 0x01:
-                raise _PeerGone("sent a data set with a C-STORE response")
-            command += data
-            if not control & 0x02:
-                continue
-            fields, command = _command_fields(command), b""
-            field_ = fields.get(0x0100, b"")
-            if field_ != b"\x01\x80" or len(fields.get(0x0900, b"")) != 2:
-                raise _PeerGone("sent a message that is not a C-STORE response")
-            if struct.unpack("<H", fields.get(0x0120, b"\0\0"))[0] != message_id:
-                log.warning("ignored a C-STORE response to another message")
-                continue
-            comment = fields.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
-            return struct.unpack("<H", fields[0x0900])[0], comment
+    start = dataset_start(f.read(144))
+    return split_dataset(path)[1] if start is None else start
 
 
 class _Outcomes:
@@ -426,7 +267,7 @@ class Sender:
             max_pdu=self.config.node.max_pdu_size, evt_handlers=scu.NODELAY_HANDLERS,
         )
         if assoc.is_established:
-            _take_socket(assoc)
+            take_socket(assoc)
             # bounds write_message's sendall; the DUL only reads after select says data is there
             assoc.dul.socket.socket.settimeout(self.config.forward.dimse_timeout_seconds)
         return assoc
@@ -460,7 +301,7 @@ class Sender:
         conversion between uncompressed syntaxes decodes and re-encodes it.
         """
         msg_id = self._next_msg_id()
-        command = c_store_command(msg_id, item.sop_class_uid, item.sop_instance_uid)
+        command = store_request_bytes(msg_id, item.sop_class_uid, item.sop_instance_uid)
         if convert:
             ts = cx.transfer_syntax[0]
             data = encode(dcmread(path), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
@@ -478,7 +319,7 @@ class Sender:
 
     def _lost(self, exc: Exception) -> str:
         """One sentence for a request that got no response."""
-        if isinstance(exc, _PeerGone):
+        if isinstance(exc, PeerGone):
             return f"{self._where()} {exc}"
         if isinstance(exc, TimeoutError):
             return (f"no C-STORE response from {self._where()} within "
@@ -487,7 +328,7 @@ class Sender:
 
     @staticmethod
     def _abort(assoc) -> None:
-        _give_back_socket(assoc)
+        give_back_socket(assoc)
         if assoc.is_established:
             assoc.abort()
 
@@ -530,7 +371,7 @@ class Sender:
                     continue
                 try:
                     status, comment = self._c_store(assoc, item, data_dir / item.path, cx, convert)
-                except (ConnectionError, TimeoutError, _PeerGone) as exc:
+                except (ConnectionError, TimeoutError, PeerGone) as exc:
                     self._abort(assoc)
                     reason = self._lost(exc)
                     lost_in_row += 1
@@ -565,7 +406,7 @@ class Sender:
                     )
         finally:
             if assoc is not None:
-                _give_back_socket(assoc)
+                give_back_socket(assoc)
                 if assoc.is_established:
                     assoc.release()
             out.commit()

@@ -1,8 +1,8 @@
-"""The sender's pure parts: presentation-context planning, the C-STORE command set, file offsets."""
+"""The sender's pure parts: presentation-context planning and file offsets (the C-STORE
+command set is tests/unit/test_dimse.py)."""
 
 from __future__ import annotations
 
-from io import BytesIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -12,9 +12,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     MRImageStorage,
 )
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import split_dataset
 
 from gateway import forward
 from gateway.queue import Item
@@ -52,19 +50,6 @@ def test_items_beyond_the_context_limit_wait_for_the_next_association():
     assert len(plan.contexts) == 6
 
 
-def test_the_hand_built_command_set_equals_pynetdicoms_encoding():
-    for msg_id, sop in [(1, "1.2.3"), (65535, "1.2.840.113619.2.55.3.604688119.969.1268071029.3200000000001")]:
-        req = C_STORE()
-        req.MessageID = msg_id
-        req.AffectedSOPClassUID = CTImageStorage
-        req.AffectedSOPInstanceUID = sop
-        req.Priority = 2
-        req.DataSet = BytesIO(b"\x00\x00")
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(req)
-        assert forward.c_store_command(msg_id, CTImageStorage, sop) == encode(msg.command_set, True, True)
-
-
 def test_dataset_offset_matches_pynetdicoms_meta_parser(tmp_path):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -77,21 +62,3 @@ def test_dataset_offset_matches_pynetdicoms_meta_parser(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with open(path, "rb") as f:
         assert forward.dataset_offset(f, path) == split_dataset(path)[1]
-
-
-def test_command_fields_reads_a_c_store_response_encoded_by_pynetdicom():
-    from pynetdicom.dimse_messages import C_STORE_RSP
-
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = 42
-    rsp.AffectedSOPClassUID = CTImageStorage
-    rsp.AffectedSOPInstanceUID = "1.2.3"
-    rsp.Status = 0xA700
-    rsp.ErrorComment = "disk full"
-    msg = C_STORE_RSP()
-    msg.primitive_to_message(rsp)
-    fields = forward._command_fields(encode(msg.command_set, True, True))
-    assert fields[0x0100] == b"\x01\x80"
-    assert fields[0x0120] == (42).to_bytes(2, "little")
-    assert fields[0x0900] == (0xA700).to_bytes(2, "little")
-    assert fields[0x0902].rstrip(b" ") == b"disk full"
