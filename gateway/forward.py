@@ -267,7 +267,10 @@ class Sender:
             max_pdu=self.config.node.max_pdu_size, evt_handlers=scu.NODELAY_HANDLERS,
         )
         if assoc.is_established:
-            take_socket(assoc)
+            if not take_socket(assoc):
+                give_back_socket(assoc)
+                assoc.abort()
+                return assoc
             # bounds write_message's sendall; the DUL only reads after select says data is there
             assoc.dul.socket.socket.settimeout(self.config.forward.dimse_timeout_seconds)
         return assoc

@@ -285,7 +285,7 @@ def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
 # --------------------------------------------------------------------------- sending
 
 
-def take_socket(assoc) -> None:
+def take_socket(assoc, timeout: float = 5.0) -> bool:
     """Stop the association's DUL thread from reading: our thread reads the C-STORE responses.
 
     Two reasons not to use pynetdicom's DIMSE path for them. Its association thread polls
@@ -296,8 +296,21 @@ def take_socket(assoc) -> None:
     PDU and command-set decoding in that thread. Nothing else arrives on a storage SCU's
     association between A-ASSOCIATE-AC and our first request, so this is switched at a PDU
     boundary; ``give_back_socket`` before any release or abort, which the DUL must see.
+
+    The hand-over waits until the DUL thread has called the replacement once: until then it
+    may be inside the original check (it looked the method up before we swapped it), and if
+    our request's response arrived meanwhile it would read that PDU itself and ours would
+    wait out the DIMSE timeout (seen about once in ten associations before this wait).
+    Returns False when the DUL thread did not come round within ``timeout`` (it has died).
     """
-    assoc.dul._is_transport_event = lambda: False
+    parked = threading.Event()
+
+    def paused() -> bool:
+        parked.set()
+        return False
+
+    assoc.dul._is_transport_event = paused
+    return parked.wait(timeout)
 
 
 def give_back_socket(assoc) -> None:
