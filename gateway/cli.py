@@ -212,3 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback only at DEBUG
+        log.debug("unexpected error", exc_info=True)
+        print(f"dicom-gateway: unexpected error: {exc!r}; please report it "
+              "(logging.level: DEBUG shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED

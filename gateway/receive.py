@@ -205,7 +205,8 @@ class ReceiveServer:
         for assoc in self.server.active_associations:
             assoc.dul.kill_dul()
         for assoc in self.server.active_associations:
-            assoc.dul.join(1.0)
+            if assoc.dul.is_alive():  # a just-accepted connection's DUL may not have started yet
+                assoc.dul.join(1.0)
         self.store.close()
 
     def _established(self) -> list:

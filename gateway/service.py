@@ -69,13 +69,15 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
             pass
     finally:
         log.info("shutting down")
-        for sender in senders.values():
-            sender.stop()
-        poller.stop()
-        server.shutdown()
-        scheduler.shutdown(wait=True)
-        for sender in senders.values():
-            sender.close()
-        poller.close()
+        steps = [*(s.stop for s in senders.values()), poller.stop, server.shutdown,
+                 lambda: scheduler.shutdown(wait=True), *(s.close for s in senders.values()),
+                 poller.close]
+        failed = 0
+        for step in steps:  # every step runs even if one fails: no thread may keep us alive
+            try:
+                step()
+            except Exception as exc:
+                failed += 1
+                log.error("shutdown step failed: %r", exc)
         log.info("stopped")
-    return 0
+    return 1 if failed else 0
