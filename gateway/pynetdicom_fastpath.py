@@ -42,6 +42,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
+from io import BytesIO
 from typing import BinaryIO, Callable
 
 from pynetdicom import _config, dimse_messages, evt
@@ -275,11 +276,48 @@ def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
         assoc.dul._run_loop_delay = 0  # the socket wait above paces the DUL loop
     assoc.dimse.msg_queue = _ServeAtOnce(assoc)
     _fast_store_responses(assoc.dimse)
+    _bound_message_buffers(assoc, peer)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # pynetdicom's per-PDU/per-message logging handlers cost ~5% of a small C-STORE
         # even when their output is filtered out; bound only to this association.
         for event_type, handler in _STANDARD_LOG_HANDLERS:
             assoc.unbind(event_type, handler)
+
+
+#: A command set is a few hundred bytes; C-ECHO has no data set and C-STORE data sets are
+#: spooled to disk. More than this held in memory for one message is a hostile peer.
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_IN_MEMORY_DATASET_BYTES = 1024 * 1024
+
+
+def _bound_message_buffers(assoc, peer: Callable[[], str]) -> None:
+    """Abort an association whose message fragments pile up in memory.
+
+    pynetdicom appends command-set fragments (and any data set it does not spool) to
+    in-memory buffers for as long as the peer keeps sending fragments without the "last"
+    bit: only PDU sizes were bounded, not how many of them one message may span.
+    """
+    dimse = assoc.dimse
+    original = dimse.receive_primitive
+
+    def bounded(primitive) -> None:
+        original(primitive)
+        msg = dimse.message
+        if msg is None:
+            return
+        command = msg.encoded_command_set.tell()
+        data = getattr(msg, "data_set", None)  # BytesIO unless spooled to a file
+        in_memory = data.tell() if isinstance(data, BytesIO) else 0
+        if command > MAX_COMMAND_BYTES or in_memory > MAX_IN_MEMORY_DATASET_BYTES:
+            _rx_log.warning(
+                "aborting the association from %s: one message holds %d command and %d "
+                "in-memory data set bytes, more than a C-ECHO/C-STORE needs",
+                peer(), command, in_memory,
+            )
+            dimse.message = None
+            assoc.dul.event_queue.put("Evt19")  # invalid PDU data: the DUL sends A-ABORT
+
+    dimse.receive_primitive = bounded
 
 
 # --------------------------------------------------------------------------- sending

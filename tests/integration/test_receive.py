@@ -431,3 +431,39 @@ def test_disk_full_is_out_of_resources_then_recovers(dcmtk, gateway_factory, ct_
         assert_stored_as_sent(gw, files)
     finally:
         gw.stop()
+
+
+def test_endless_command_fragments_abort_that_association_only(dcmtk, gateway_factory):
+    """A peer that never ends a message cannot make the gateway buffer it without limit."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from gateway.dimse import PDATA_HEAD
+    from gateway.pynetdicom_fastpath import take_socket
+
+    gw = gateway_factory()
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+    assert assoc.is_established
+    assert take_socket(assoc)  # from here on the test writes raw PDUs
+    sock = assoc.dul.socket.socket
+    context_id = assoc.accepted_contexts[0].context_id
+    fragment = b"\0" * 8192
+    aborted = False
+    sock.settimeout(10)
+    try:
+        for _ in range(64):  # 512 KiB of command set, never the last fragment
+            sock.sendall(PDATA_HEAD.pack(4, 0, len(fragment) + 6, len(fragment) + 2, context_id, 0x01) + fragment)
+    except OSError:
+        aborted = True
+    try:
+        reply = sock.recv(16)
+        aborted = aborted or reply == b"" or reply[0] == 0x07  # A-ABORT or closed
+    except OSError:
+        aborted = True
+    assert aborted
+    wait_until(lambda: "aborting the association from" in gw.log(), 10, what="the abort's log line")
+    assert "more than a C-ECHO/C-STORE needs" in gw.log()
+    assoc.dul.kill_dul()
+    assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
