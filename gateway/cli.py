@@ -23,6 +23,8 @@ log = logging.getLogger("gateway")
 
 def setup_logging(level: str = "INFO") -> None:
     """One line per event on stderr, from our own modules (library chatter only at DEBUG)."""
+    import pydicom  # noqa: F401  (its import sets its logger's level: ours must come after)
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(
@@ -36,6 +38,10 @@ def setup_logging(level: str = "INFO") -> None:
     # modules already log one line per outcome, so its chatter shows only at DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    # pydicom warns (warnings.warn) about each invalid value a peer sends; we already log
+    # one line for the refusal, so these show only at DEBUG too.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # "skipped: maximum number of running instances" each poll while a long batch runs: normal
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
