@@ -119,7 +119,8 @@ def cmd_send(args) -> int:
 def cmd_encode(args) -> int:
     from gateway import offline
 
-    out = offline.encode_offline(args.array, args.sidecar, args.source, args.output)
+    out = offline.encode_offline(args.array, args.sidecar, args.source, args.output,
+                                 keep_empty_frames=args.keep_empty_frames)
     print(f"wrote {out.path}: {out.summary}")
     return EXIT_OK
 
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=Path, required=True, metavar="DICOM_FOLDER",
                    help="folder holding the source series")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.dcm")
+    p.add_argument("--keep-empty-frames", action="store_true",
+                   help="SEG: keep frames with no segmented pixel (as inbox.keep_empty_frames: true)")
     p.set_defaults(func=cmd_encode)
     return parser
 

@@ -465,6 +465,14 @@ def test_offline_encode_writes_what_the_inbox_would(tmp_path, series, dciodvfy):
     for k in (1, 2):
         np.testing.assert_array_equal(got[..., k - 1].astype(bool), labels == k)
 
+    # --keep-empty-frames keeps every slice of every segment.
+    kept = tmp_path / "out" / "kept.dcm"
+    result = subprocess.run(cmd[:-1] + [str(kept), "--keep-empty-frames"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"Segmentation, 2 segment(s), {2 * N} frame(s)" in result.stdout
+    assert pydicom.dcmread(kept).NumberOfFrames == 2 * N
+
     # A bad job: exit 1, one line, no file.
     np.save(tmp_path / "labels.npy", labels.astype(np.float32))
     bad_out = tmp_path / "bad.dcm"
