@@ -77,3 +77,13 @@ def job_counts(conn: sqlite3.Connection) -> dict:
     for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
         counts[row["state"]] = row["n"]
     return counts
+
+
+def recent_failed_jobs(conn: sqlite3.Connection, limit: int = 10) -> list[dict]:
+    """The latest failed inbox jobs with their one-sentence reasons, newest first."""
+    rows = conn.execute(
+        "SELECT name, error, finished_at FROM jobs WHERE state = 'failed' "
+        "ORDER BY finished_at DESC LIMIT ?",
+        (limit,),
+    )
+    return [{"job": r["name"], "error": r["error"], "failed_at": r["finished_at"]} for r in rows]

@@ -14,7 +14,7 @@ def collect(config: Config, now: float) -> dict:
     conn = db.connect_readonly(config.db_path)
     empty_store = {"studies": 0, "series": 0, "instances": 0, "bytes": 0, "derived": 0}
     if conn is None:
-        store, jobs, dests = empty_store, {"waiting": 0, "done": 0, "failed": 0}, {}
+        store, jobs, failures = empty_store, {"waiting": 0, "done": 0, "failed": 0}, []
         dests = {
             name: {**{s.value: 0 for s in queue.State}, "oldest_pending_age_seconds": None,
                    "next_attempt_in_seconds": None, "last_error": None}
@@ -24,6 +24,7 @@ def collect(config: Config, now: float) -> dict:
         try:
             store = index.store_counts(conn)
             jobs = index.job_counts(conn)
+            failures = index.recent_failed_jobs(conn)
             dests = queue.destination_status(conn, config.destinations, now)
         finally:
             conn.close()
@@ -32,7 +33,7 @@ def collect(config: Config, now: float) -> dict:
         "node": {"ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port,
                  "data_dir": str(config.node.data_dir)},
         "store": store,
-        "inbox": jobs,
+        "inbox": {**jobs, "recent_failures": failures},
         "destinations": dests,
         "queue_totals": totals,
     }
@@ -57,6 +58,8 @@ def render(report: dict) -> str:
         f"({s['derived']} derived), {s['bytes'] / 1e6:.1f} MB",
         f"inbox    {j['waiting']} waiting, {j['done']} done, {j['failed']} failed",
     ]
+    for failure in j["recent_failures"]:
+        lines.append(f"  failed job {failure['job']}: {failure['error']}")
     if not report["destinations"]:
         lines.append("queue    no destinations configured")
     for name, d in report["destinations"].items():

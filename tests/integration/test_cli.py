@@ -136,3 +136,22 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path):
     result = gateway("run", "-c", path, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip() == "node.port: must be between 1 and 65535, got 0"
+
+
+def test_status_lists_recent_failed_jobs_with_their_reasons(tmp_path):
+    from gateway import config as config_mod
+    from gateway import db
+
+    path = write_config(tmp_path, {})
+    conn = db.connect(config_mod.load(path).db_path)
+    with db.transaction(conn):
+        conn.execute("INSERT INTO jobs (name, state, first_seen_at, finished_at, error) VALUES "
+                     "('mask7', 'failed', 1, 2, 'the array is float32; write bool or integer values.'),"
+                     "('ok1', 'done', 1, 3, NULL)")
+    conn.close()
+    report = json.loads(gateway("status", "--json", "-c", path).stdout)
+    assert report["inbox"]["failed"] == 1 and report["inbox"]["done"] == 1
+    assert report["inbox"]["recent_failures"] == [
+        {"job": "mask7", "error": "the array is float32; write bool or integer values.", "failed_at": 2}]
+    text = gateway("status", "-c", path).stdout
+    assert "failed job mask7: the array is float32" in text
