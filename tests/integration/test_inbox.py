@@ -213,7 +213,7 @@ def test_every_kind_is_valid_reads_back_and_orthanc_accepts_it(tmp_path, series,
         conn.close()
     assert pending == len(jobs)
     report = status.collect(config, time.time())
-    assert report["inbox"] == {"waiting": 0, "done": len(jobs), "failed": 0}
+    assert report["inbox"] == {"waiting": 0, "done": len(jobs), "failed": 0, "recent_failures": []}
     assert report["store"]["derived"] == len(jobs)
 
 
@@ -389,7 +389,7 @@ def test_a_waiting_job_taken_away_is_forgotten(tmp_path, series):
         for path in config.inbox.path.glob("later.*"):
             path.unlink()
         inbox.run_once()
-        assert status.collect(config, time.time())["inbox"] == {"waiting": 0, "done": 0, "failed": 0}
+        assert status.collect(config, time.time())["inbox"] == {"waiting": 0, "done": 0, "failed": 0, "recent_failures": []}
     finally:
         inbox.close()
 
@@ -433,7 +433,7 @@ def test_sigkill_at_any_point_yields_exactly_one_object(tmp_path, series, gatewa
     assert not (config.inbox.path / "failed" / "crashy.error.txt").exists()
     shown = gw.cli("status", "--json")
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["inbox"] == {"waiting": 0, "done": 1, "failed": 0}
+    assert json.loads(shown.stdout)["inbox"] == {"waiting": 0, "done": 1, "failed": 0, "recent_failures": []}
     assert "inbox    0 waiting, 1 done, 0 failed" in gw.cli("status").stdout
 
 
