@@ -36,7 +36,7 @@ from gateway.config import Config
 from gateway.dimse import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
 from gateway.errors import GatewayError
 from gateway.netutil import set_nodelay
-from gateway.pynetdicom_fastpath import enable_spooling, tune_acceptor
+from gateway.pynetdicom_fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.spool import Spooler, clean_spool
 from gateway.store import Incoming, Outcome, Result, Store
 
@@ -269,7 +269,8 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
         (evt.EVT_C_STORE, _on_store, [store, on_queued]),
     ]
     try:
-        server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                 contexts=SharedContexts(ae.supported_contexts))
     except OSError as exc:
         conn.close()
         raise GatewayError(

@@ -23,7 +23,13 @@ log = logging.getLogger("gateway.service")
 
 def run(config: Config, stop: threading.Event | None = None) -> int:
     """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code."""
+    import pydicom
+
     from gateway import forward, inbox, receive
+
+    # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
+    # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
