@@ -323,12 +323,16 @@ def test_a_response_that_never_comes_replaces_the_association_and_retries(tmp_pa
     paths = ct_series(4, **SMALL)
     slow_uid = pydicom.dcmread(paths[1]).SOPInstanceUID
     seen: list[str] = []
+    resent = threading.Event()
 
     def on_store(event):
         uid = event.request.AffectedSOPInstanceUID
         seen.append(uid)
         if uid == slow_uid and seen.count(uid) == 1:
-            time.sleep(3)  # longer than the sender's 1 s DIMSE timeout
+            # Stall past the sender's 1 s DIMSE timeout, until its retry has arrived (bounded).
+            resent.wait(10)
+        elif uid == slow_uid:
+            resent.set()
         return 0x0000
 
     scp = AE(ae_title="SLOWSCP")
