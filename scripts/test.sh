@@ -19,9 +19,12 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV" || {
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && python3 -m venv "$VENV"
+# A usable venv has pip: Debian's python3 without python3-venv leaves one without it.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    python3 -m venv --clear "$VENV" 2>/dev/null || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+        python3 -m venv --clear "$VENV"
     }
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -111,7 +111,7 @@ class Dcmtk:
     def start_storescp(self, port: int, out_dir: Path, aet: str = "STORESCP") -> subprocess.Popen:
         out_dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
-            [self.path("storescp"), "-aet", aet, "-od", str(out_dir), "--fork" if False else "-v", str(port)],
+            [self.path("storescp"), "-aet", aet, "-od", str(out_dir), str(port)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(lambda: port_open(port) or proc.poll() is not None, 15, what="storescp to listen")
