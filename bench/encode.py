@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.encode import encoded_length, set_pixel_data
+from gateway.derive.encode import encoded_length, set_pixel_data
 
 
 def fresh_dataset() -> Dataset:

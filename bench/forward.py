@@ -56,7 +56,7 @@ def wait_port(port: int, timeout: float = 15) -> None:
 def gateway_pass(config_path: str, dest: str) -> None:
     """Child process: one sender pass over everything queued for ``dest``; prints JSON."""
     from gateway import config as config_mod
-    from gateway import forward
+    from gateway.forward import sender as forward
 
     config = config_mod.load(config_path)
     sender = forward.Sender(config, dest)
@@ -186,7 +186,7 @@ def main() -> None:
     import yaml
 
     from gateway import config as config_mod
-    from gateway import sendfiles
+    from gateway.storage import sendfiles
     from scripts.make_ct_series import make_ct_series
 
     folder = Path(tempfile.mkdtemp(prefix="bench-forward-"))

@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
 
 def cmd_echo(args) -> int:
     config = _load(args)
-    from gateway import scu
+    from gateway.dimse import scu
 
     start = time.monotonic()
     scu.echo(config, args.destination)
@@ -89,7 +89,8 @@ def cmd_status(args) -> int:
 
 def cmd_retry(args) -> int:
     config = _load(args)
-    from gateway import db, queue, scu
+    from gateway.storage import db, queue
+    from gateway.dimse import scu
 
     if args.destination is not None:
         scu.destination(config, args.destination)  # refuse unknown names
@@ -107,7 +108,7 @@ def cmd_retry(args) -> int:
 def cmd_send(args) -> int:
     config = _load(args)
     setup_logging(config.logging.level)
-    from gateway import sendfiles
+    from gateway.storage import sendfiles
 
     report = sendfiles.queue_files(config, args.destination, [Path(p) for p in args.paths])
     for problem in report.problems:
@@ -117,7 +118,7 @@ def cmd_send(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from gateway import offline
+    from gateway.inbox import offline
 
     out = offline.encode_offline(args.array, args.sidecar, args.source, args.output,
                                  keep_empty_frames=args.keep_empty_frames)

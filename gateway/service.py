@@ -15,7 +15,7 @@ from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from gateway import db, queue
+from gateway.storage import db, queue
 from gateway.config import Config
 
 log = logging.getLogger("gateway.service")
@@ -25,7 +25,9 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
     """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code."""
     import pydicom
 
-    from gateway import forward, inbox, receive
+    from gateway.forward import sender as forward
+    from gateway.inbox import inbox
+    from gateway.dimse import receive
 
     # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
     # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).

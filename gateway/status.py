@@ -6,7 +6,7 @@ add keys freely, never rename or remove one.
 
 from __future__ import annotations
 
-from gateway import db, index, queue
+from gateway.storage import db, index, queue
 from gateway.config import Config
 
 

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway import __version__
 from gateway.errors import JobError
-from gateway.sidecar import Job, Kind
+from gateway.inbox.sidecar import Job, Kind
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

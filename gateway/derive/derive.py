@@ -1,7 +1,7 @@
 """Source series + array + job -> a DICOM Segmentation or Secondary Capture dataset (pure).
 
 The one door inbox and offline use: check the array against the job, pick the kind, hand
-over to ``derive_seg`` or ``derive_sc``. Everything arrives as arguments (source headers,
+over to ``derive.seg`` or ``derive.sc``. Everything arrives as arguments (source headers,
 the array, the parsed sidecar, the clock and the UID generator), so tests need no files or
 sockets. Pixel data goes only through ``encode.set_pixel_data``. Every problem a user can
 fix raises ``errors.JobError`` with one sentence; nothing is written to a dataset until
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
-from gateway.derive_common import (
+from gateway.derive.common import (
     DEFAULT_SERIES_NUMBER,
     MF_GRAYSCALE_BYTE_SC,
     MF_GRAYSCALE_WORD_SC,
@@ -28,10 +28,10 @@ from gateway.derive_common import (
     Options,
     check_bits,
 )
-from gateway.derive_sc import secondary_capture
-from gateway.derive_seg import segmentation
+from gateway.derive.sc import secondary_capture
+from gateway.derive.seg import segmentation
 from gateway.errors import JobError
-from gateway.sidecar import Job, Kind, default_kind
+from gateway.inbox.sidecar import Job, Kind, default_kind
 
 # The names callers reach through ``derive`` (inbox, offline, tests).
 __all__ = [

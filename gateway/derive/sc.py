@@ -12,8 +12,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from gateway import encode
-from gateway.derive_common import (
+from gateway.derive import encode
+from gateway.derive.common import (
     MF_GRAYSCALE_BYTE_SC,
     MF_GRAYSCALE_WORD_SC,
     MF_SINGLE_BIT_SC,
@@ -29,8 +29,8 @@ from gateway.derive_common import (
     value_range,
 )
 from gateway.errors import JobError
-from gateway.geometry import source_geometry
-from gateway.sidecar import Job, Kind
+from gateway.derive.geometry import source_geometry
+from gateway.inbox.sidecar import Job, Kind
 
 
 def _sc_layout(arr: np.ndarray, job: Job) -> tuple[np.ndarray, str, int, bool]:

@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
-from gateway import encode
-from gateway.derive_common import (
+from gateway.derive import encode
+from gateway.derive.common import (
     SEGMENTATION_STORAGE,
     Derived,
     Options,
@@ -23,8 +23,8 @@ from gateway.derive_common import (
     value_range,
 )
 from gateway.errors import JobError
-from gateway.geometry import source_geometry
-from gateway.sidecar import Job, Kind, Segment
+from gateway.derive.geometry import source_geometry
+from gateway.inbox.sidecar import Job, Kind, Segment
 
 
 def _code(scheme: str, value: str, meaning: str) -> Dataset:

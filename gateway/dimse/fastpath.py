@@ -4,7 +4,7 @@ Every piece here reaches into pynetdicom internals (``AssociationSocket``, the D
 ``_run_loop_delay``, ``_is_transport_event`` and ``_idle_timer``, the DIMSE provider's
 ``msg_queue`` and ``send_msg``, ``dimse_messages``' module functions), hence the
 ``pynetdicom>=3.0,<3.1`` pin in pyproject.toml: check these again before moving it. The
-bytes themselves come from ``gateway.dimse``. The closing notes of bench/receive.py say
+bytes themselves come from ``gateway.dimse.codec``. The closing notes of bench/receive.py say
 what each receive-side change bought.
 
 Receiving, per association (``tune_acceptor``, called at EVT_CONN_OPEN):
@@ -56,7 +56,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-from gateway.dimse import (
+from gateway.dimse.codec import (
     ABORT,
     PDATA_HEAD,
     PDATA_TF,

@@ -9,7 +9,7 @@ C-STORE data set goes into a spool file (``spool``), then is renamed into the st
 memory per association is bounded by one PDU whatever the instance's size. The handler
 reads the UIDs from the spool file's first bytes (``dimse.uids_from_head``), with pydicom
 as the fallback. pynetdicom itself is tuned per association at EVT_CONN_OPEN and
-process-wide at start; ``pynetdicom_fastpath`` says what each tuning replaces and why.
+process-wide at start; ``dimse.fastpath`` says what each tuning replaces and why.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from gateway import db
+from gateway.storage import db
 from gateway.config import Config
-from gateway.dimse import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
+from gateway.dimse.codec import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
 from gateway.errors import GatewayError
-from gateway.netutil import set_nodelay
-from gateway.pynetdicom_fastpath import SharedContexts, enable_spooling, tune_acceptor
-from gateway.spool import Spooler, clean_spool
-from gateway.store import Incoming, Outcome, Result, Store
+from gateway.dimse.netutil import set_nodelay
+from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
+from gateway.dimse.spool import Spooler, clean_spool
+from gateway.storage.store import Incoming, Outcome, Result, Store
 
 log = logging.getLogger("gateway.receive")
 

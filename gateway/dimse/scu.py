@@ -7,7 +7,7 @@ from pynetdicom.sop_class import Verification
 
 from gateway.config import Config, DestinationConfig
 from gateway.errors import RetryLater, UnknownDestination
-from gateway.netutil import set_nodelay
+from gateway.dimse.netutil import set_nodelay
 
 NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_nodelay)]
 

@@ -4,7 +4,7 @@ Each data set goes into a file under ``data_dir/tmp`` (the store's filesystem), 
 C-STORE handler then hands to the store to be renamed into place. Memory per association
 is therefore bounded by one PDU plus the write buffer, whatever the instance's size.
 pynetdicom writes into these files through the replacement for its temp file that
-``pynetdicom_fastpath`` installs; nothing here knows about pynetdicom.
+``dimse.fastpath`` installs; nothing here knows about pynetdicom.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.dimse import HEAD_BYTES
-from gateway.store import free_bytes
+from gateway.dimse.codec import HEAD_BYTES
+from gateway.storage.store import free_bytes
 
 _FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 _SPOOL_BUFFER = 1024 * 1024

@@ -8,8 +8,8 @@ class or transfer syntax the destination refuses -> ``failed`` at once, with tha
 
 pynetdicom negotiates, releases and aborts the association; between A-ASSOCIATE-AC and the
 release the C-STORE requests and responses go over its socket from the sender's own thread
-(``pynetdicom_fastpath``: ``write_message``, ``read_response``): faster than its DUL
-thread, and free of its lost-response race (see ``pynetdicom_fastpath.take_socket``).
+(``dimse.fastpath``: ``write_message``, ``read_response``): faster than its DUL
+thread, and free of its lost-response race (see ``dimse.fastpath.take_socket``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.status import code_to_category
 
-from gateway import db, queue, scu
+from gateway.storage import db, queue
+from gateway.dimse import scu
 from gateway.config import Config
-from gateway.dimse import dataset_start, store_request_bytes
-from gateway.pynetdicom_fastpath import PeerGone, give_back_socket, read_response, take_socket, write_message
+from gateway.dimse.codec import dataset_start, store_request_bytes
+from gateway.dimse.fastpath import PeerGone, give_back_socket, read_response, take_socket, write_message
 
 log = logging.getLogger("gateway.forward")
 

@@ -40,7 +40,9 @@ import yaml
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from gateway import db, derive, index, queue, sidecar, store
+from gateway.storage import db, index, queue, store
+from gateway.derive import derive
+from gateway.inbox import sidecar
 from gateway.config import Config
 from gateway.errors import GiveUp, JobError, RetryLater
 

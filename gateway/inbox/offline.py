@@ -14,7 +14,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from gateway import derive, inbox, store
+from gateway.derive import derive
+from gateway.inbox import inbox
+from gateway.storage import store
 from gateway.errors import JobError
 
 

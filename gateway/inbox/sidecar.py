@@ -40,7 +40,7 @@ from pydantic import (
     ValidationError,
 )
 
-from gateway import uids
+from gateway.storage import uids
 from gateway.errors import JobError
 from gateway.validation import key_path, show
 

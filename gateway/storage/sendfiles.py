@@ -18,10 +18,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from gateway import db, index, queue, scu, store
+from gateway.storage import db, index, queue, store
+from gateway.dimse import scu
 from gateway.config import Config
 from gateway.errors import InvalidUID, StorageFull
-from gateway.uids import check_uid
+from gateway.storage.uids import check_uid
 
 log = logging.getLogger("gateway.sendfiles")
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-from gateway import db, index, queue
+from gateway.storage import db, index, queue
 from gateway.errors import InvalidUID, StorageFull
-from gateway.uids import check_uid
+from gateway.storage.uids import check_uid
 
 log = logging.getLogger("gateway.store")
 

@@ -140,7 +140,7 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path):
 
 def test_status_lists_recent_failed_jobs_with_their_reasons(tmp_path):
     from gateway import config as config_mod
-    from gateway import db
+    from gateway.storage import db
 
     path = write_config(tmp_path, {})
     conn = db.connect(config_mod.load(path).db_path)

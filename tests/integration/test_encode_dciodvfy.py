@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from gateway.encode import set_pixel_data
+from gateway.derive.encode import set_pixel_data
 
 SINGLE_BIT = "1.2.840.10008.5.1.4.1.1.7.1"
 GRAYSCALE_BYTE = "1.2.840.10008.5.1.4.1.1.7.2"

@@ -22,7 +22,8 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 
 from gateway import config as config_mod
-from gateway import db, forward, queue, sendfiles
+from gateway.storage import db, queue, sendfiles
+from gateway.forward import sender as forward
 from tests.conftest import free_port, port_open, stop_process, wait_until
 
 SMALL = {"rows": 64, "columns": 64}

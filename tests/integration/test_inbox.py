@@ -24,8 +24,10 @@ import yaml
 from pydicom.pixels import apply_modality_lut
 
 from gateway import config as config_mod
-from gateway import db, derive, index, status, store
-from gateway.inbox import CRASH_ENV, CRASH_POINTS, Inbox
+from gateway.storage import db, index, store
+from gateway.derive import derive
+from gateway import status
+from gateway.inbox.inbox import CRASH_ENV, CRASH_POINTS, Inbox
 from tests.conftest import gateway_config, wait_until
 
 N, R, C = 8, 64, 64

@@ -439,8 +439,8 @@ def test_endless_command_fragments_abort_that_association_only(dcmtk, gateway_fa
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from gateway.dimse import PDATA_HEAD
-    from gateway.pynetdicom_fastpath import take_socket
+    from gateway.dimse.codec import PDATA_HEAD
+    from gateway.dimse.fastpath import take_socket
 
     gw = gateway_factory()
     ae = AE(ae_title="HOSTILE")

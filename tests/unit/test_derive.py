@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-from gateway import derive, sidecar
+from gateway.derive import derive
+from gateway.inbox import sidecar
 from gateway.errors import JobError
 from tests.conftest import make_ct_series
 

@@ -1,4 +1,4 @@
-"""gateway.dimse against pynetdicom and pydicom: every hand-encoded message byte for byte,
+"""gateway.dimse.codec against pynetdicom and pydicom: every hand-encoded message byte for byte,
 the command-set and P-DATA-TF parsers on pynetdicom's encodings, and the head-of-file UID
 reader on pydicom's bundled sample files."""
 
@@ -19,7 +19,7 @@ from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway.dimse import (
+from gateway.dimse.codec import (
     PDATA_HEAD,
     NeedFile,
     command_fields,

@@ -1,4 +1,4 @@
-"""gateway.encode.set_pixel_data: round trips, equality with pydicom, and every refusal."""
+"""gateway.derive.encode.set_pixel_data: round trips, equality with pydicom, and every refusal."""
 
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from gateway import encode
-from gateway.encode import (
+from gateway.derive import encode
+from gateway.derive.encode import (
     MAX_PIXEL_DATA_LENGTH,
     PixelDataTooLarge,
     encoded_length,
     set_pixel_data,
 )
-from gateway.uids import is_valid_uid
+from gateway.storage.uids import is_valid_uid
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 MONO = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")

@@ -14,8 +14,8 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import split_dataset
 
-from gateway import forward
-from gateway.queue import Item
+from gateway.forward import sender as forward
+from gateway.storage.queue import Item
 
 
 def item(n: int, sop_class=CTImageStorage, ts=ExplicitVRLittleEndian) -> Item:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import db, index, queue
-from gateway.queue import State
+from gateway.storage import db, index, queue
+from gateway.storage.queue import State
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from gateway.receive import STATUS, _read_uids, _status
-from gateway.store import Outcome, Result
+from gateway.dimse.receive import STATUS, _read_uids, _status
+from gateway.storage.store import Outcome, Result
 
 
 def test_every_outcome_has_a_status():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gateway import sidecar
+from gateway.inbox import sidecar
 from gateway.errors import JobError
-from gateway.sidecar import Kind
+from gateway.inbox.sidecar import Kind
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 

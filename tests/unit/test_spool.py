@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from gateway.spool import Spooler, clean_spool
+from gateway.dimse.spool import Spooler, clean_spool
 
 
 class FullDisk:

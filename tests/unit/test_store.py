@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, index
+from gateway.storage import db, index
 from gateway.errors import InvalidUID, StorageFull
-from gateway.store import (
+from gateway.storage.store import (
     Incoming,
     Outcome,
     Store,

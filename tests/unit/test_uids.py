@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from gateway.errors import InvalidUID
-from gateway.uids import MAX_UID_LENGTH, check_uid, is_valid_uid
+from gateway.storage.uids import MAX_UID_LENGTH, check_uid, is_valid_uid
 
 VALID = ["1.2.840.10008.1.1", "0", "0.0", "1.2.3.0.4", "2.25." + "9" * 30, "1." + "2" * 62]
 INVALID = [
