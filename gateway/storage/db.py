@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+#: The schema the first release created (user_version 1); later changes are MIGRATIONS.
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -53,7 +54,58 @@ CREATE TABLE IF NOT EXISTS jobs (
     series_uid       TEXT,
     error            TEXT
 );
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name             TEXT PRIMARY KEY,    -- a MIGRATIONS entry, applied once
+    applied_at       REAL NOT NULL
+);
 """
+
+#: Changes to the schema since the first release, applied once each, in this order, by name
+#: (not by number, so changes made on parallel branches never collide). Never edit or
+#: remove an entry that has landed: a data folder of an earlier release must open.
+#: Append ``(name, sql_script)``; the script runs in the same transaction as its record.
+MIGRATIONS: list[tuple[str, str]] = []
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the MIGRATIONS this database lacks (all in one transaction); return their names."""
+    import time
+
+    done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    todo = [(name, script) for name, script in MIGRATIONS if name not in done]
+    if not todo:
+        return []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+        applied = []
+        for name, script in todo:
+            if name in done:  # another process migrated meanwhile
+                continue
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                         (name, time.time()))
+            applied.append(name)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return applied
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (executescript would commit on its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -67,6 +119,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(SCHEMA)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    migrate(conn)
     return conn
 
 

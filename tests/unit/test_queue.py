@@ -215,3 +215,24 @@ def test_requeue_stale_can_be_limited_to_one_destination(conn):
         assert queue.requeue_stale(conn, 200, "pacs") == 1
     assert row(conn, "1.1")["state"] == State.PENDING
     assert row(conn, "1.1", "archive")["state"] == State.SENDING
+
+
+def test_migrations_apply_once_by_name_on_a_first_release_database(tmp_path, monkeypatch):
+    """A database made by the first release (no schema_migrations table) gains each migration once."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    first_release_schema = db.SCHEMA.split("CREATE TABLE IF NOT EXISTS schema_migrations")[0]
+    old.executescript(first_release_schema)
+    old.execute("INSERT INTO jobs (name, state, first_seen_at) VALUES ('j', 'done', 1)")
+    old.commit()
+    old.close()
+    monkeypatch.setattr(db, "MIGRATIONS", [("test-add-column", "ALTER TABLE jobs ADD COLUMN extra TEXT;")])
+    conn = db.connect(path)
+    assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == ["test-add-column"]
+    assert conn.execute("SELECT name, extra FROM jobs").fetchone()[:] == ("j", None)
+    conn.close()
+    conn = db.connect(path)  # a second open applies nothing again (ALTER would fail twice)
+    assert db.migrate(conn) == []
+    conn.close()
