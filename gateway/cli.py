@@ -117,6 +117,19 @@ def cmd_send(args) -> int:
     return EXIT_OK if report.queued and not report.problems else EXIT_FAILED
 
 
+def cmd_route(args) -> int:
+    config = _load(args)
+    from gateway.routing import dryrun
+
+    called = args.called_ae if args.called_ae is not None else config.node.ae_title
+    report = dryrun.explain(config, [Path(p) for p in args.paths], args.calling_ae, called)
+    for line in report.lines:
+        print(line)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    return EXIT_OK if report.files and not report.problems else EXIT_FAILED
+
+
 def cmd_encode(args) -> int:
     from gateway.inbox import offline
 
@@ -189,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", metavar="DEST", help="a name under 'destinations' in the config")
     p.add_argument("paths", metavar="PATH", nargs="+", help="DICOM file or folder")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser(
+        "route", parents=[common], help="dry run: which rules and triggers match these files",
+        description="Read the headers of the given DICOM files (folders recursively) and print, "
+        "for each, which routing rules and triggers match, which do not and why (the first "
+        "condition that failed, with the value found), and the destinations it would be queued "
+        "for if it were received over DICOM. Nothing is stored or sent; no daemon needed. Exit 0 "
+        "when every file was read, 1 when some could not be.",
+    )
+    p.add_argument("paths", metavar="FILE_OR_FOLDER", nargs="+", help="DICOM file or folder")
+    p.add_argument("--calling-ae", metavar="AET", default=None,
+                   help="the calling AE title to assume (default: none, as for files)")
+    p.add_argument("--called-ae", metavar="AET", default=None,
+                   help="the called AE title to assume (default: node.ae_title)")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser(
         "encode", help="derive a SEG/SC from an array offline, no daemon",

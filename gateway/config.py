@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
+from gateway.routing.settings import RuleConfig, SeriesCompleteConfig, TriggerConfig, raw_problems
 from gateway.validation import key_path, show
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.yaml")
@@ -125,6 +126,8 @@ class RoutesConfig(_Model):
     results: tuple[str, ...] = ()
     #: Destinations that receive every received instance as well.
     received: tuple[str, ...] = ()
+    #: Conditional routes for received instances (routing/rules.py).
+    rules: tuple[RuleConfig, ...] = ()
 
 
 class RetryConfig(_Model):
@@ -167,6 +170,9 @@ class Config(_Model):
     retry: RetryConfig = RetryConfig()
     forward: ForwardConfig = ForwardConfig()
     logging: LoggingConfig = LoggingConfig()
+    series_complete: SeriesCompleteConfig = SeriesCompleteConfig()
+    #: Series-complete triggers: export folder + webhook for AI tools (routing/triggers.py).
+    triggers: tuple[TriggerConfig, ...] = ()
     #: Where the file was loaded from (set by ``load``; not a YAML key).
     source_path: Path | None = Field(default=None, exclude=True)
 
@@ -256,7 +262,8 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     problems: list[str] = []
     config = None
     # Absent sections are validated as empty ones so their default paths resolve too.
-    sections = ("node", "security", "storage", "inbox", "routes", "retry", "forward", "logging")
+    sections = ("node", "security", "storage", "inbox", "routes", "retry", "forward", "logging",
+                "series_complete")
     filled = {name: {} for name in sections}
     filled.update({k: ({} if v is None and k in sections else v) for k, v in raw.items()})
     try:
@@ -264,6 +271,7 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     except ValidationError as exc:
         problems.extend(_problems(exc))
     problems.extend(_route_problems(raw))
+    problems.extend(raw_problems(raw))
     if problems:
         raise ConfigError(problems)
     assert config is not None
