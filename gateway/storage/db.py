@@ -65,7 +65,45 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 #: (not by number, so changes made on parallel branches never collide). Never edit or
 #: remove an entry that has landed: a data folder of an earlier release must open.
 #: Append ``(name, sql_script)``; the script runs in the same transaction as its record.
-MIGRATIONS: list[tuple[str, str]] = []
+MIGRATIONS: list[tuple[str, str]] = [
+    ("routing_rules_and_series_triggers", """
+CREATE TABLE rule_matches (
+    rule             TEXT PRIMARY KEY,    -- routes.rules[].name
+    matches          INTEGER NOT NULL,    -- instances it routed
+    last_match_at    REAL NOT NULL
+);
+CREATE TABLE series_triggers (
+    trigger          TEXT NOT NULL,       -- triggers[].name
+    series_uid       TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    state            TEXT NOT NULL,       -- triggers.SeriesState: open | fired
+    revision         INTEGER NOT NULL,    -- 1, then +1 each time a late instance reopens it
+    last_arrival_at  REAL NOT NULL,       -- unix time of the series' latest instance
+    not_before       REAL,                -- after a failed export: not retried before this
+    fired_at         REAL,
+    export_path      TEXT,
+    last_error       TEXT,
+    PRIMARY KEY (trigger, series_uid)
+);
+CREATE INDEX series_triggers_due ON series_triggers(state, last_arrival_at);
+CREATE INDEX series_triggers_series ON series_triggers(series_uid);
+CREATE TABLE webhooks (
+    id               INTEGER PRIMARY KEY,
+    trigger          TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    revision         INTEGER NOT NULL,
+    body             TEXT NOT NULL,       -- the JSON object POSTed
+    state            TEXT NOT NULL,       -- triggers.WebhookState: pending | sent | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    UNIQUE (trigger, series_uid, revision)
+);
+CREATE INDEX webhooks_due ON webhooks(state, next_attempt_at);
+"""),
+]
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
