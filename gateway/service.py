@@ -15,6 +15,7 @@ from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from gateway import sdnotify
 from gateway.storage import db, queue
 from gateway.config import Config
 
@@ -72,10 +73,12 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
         scheduler.add_job(sender.run_once, "interval", seconds=config.forward.poll_interval_seconds,
                           id=f"forward:{name}", next_run_time=now)
     scheduler.start()
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {config.node.host}:{config.node.port}")
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        sdnotify.notify("STOPPING=1")
         log.info("shutting down")
         steps = [*(s.stop for s in senders.values()), poller.stop, server.shutdown,
                  lambda: scheduler.shutdown(wait=True), *(s.close for s in senders.values()),
