@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,16 +22,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("gateway")
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """One line per event on stderr, from our own modules (library chatter only at DEBUG)."""
     import pydicom  # noqa: F401  (its import sets its logger's level: ours must come after)
 
+    from gateway.logfmt import JsonFormatter, TEXT_DATEFMT, TEXT_FORMAT
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-        )
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -59,7 +58,7 @@ def cmd_check_config(args) -> int:
 
 def cmd_run(args) -> int:
     config = _load(args)
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.format)
     from gateway import service
 
     return service.run(config)
@@ -79,12 +78,36 @@ def cmd_status(args) -> int:
     config = _load(args)
     from gateway import status
 
+    if args.watch:
+        return _watch_status(config, args)
     report = status.collect(config, now=time.time())
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(status.render(report))
     return EXIT_OK
+
+
+def _watch_status(config: Config, args) -> int:
+    """Redraw ``status`` every ``--interval`` seconds until Ctrl-C (JSON: one object per line)."""
+    from gateway import status
+
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            report = status.collect(config, now=time.time())
+            if args.json:
+                print(json.dumps(report, sort_keys=True), flush=True)
+            elif tty:
+                stamp = time.strftime("%H:%M:%S")
+                sys.stdout.write("\x1b[H\x1b[2J" + status.render(report)
+                                 + f"\n\n{stamp}, every {args.interval:g}s; Ctrl-C to stop\n")
+                sys.stdout.flush()
+            else:
+                print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n{status.render(report)}\n", flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_retry(args) -> int:
@@ -107,13 +130,26 @@ def cmd_retry(args) -> int:
 
 def cmd_send(args) -> int:
     config = _load(args)
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.format)
+    from gateway import progress
     from gateway.storage import sendfiles
 
-    report = sendfiles.queue_files(config, args.destination, [Path(p) for p in args.paths])
+    paths = [Path(p) for p in args.paths]
+    bar = None
+    if sys.stderr.isatty():  # a bar for a person watching; scripts and logs get the summary only
+        bar = progress.Progress(sys.stderr, *sendfiles.count_files(paths),
+                                width=shutil.get_terminal_size().columns)
+        logging.getLogger("gateway.sendfiles").setLevel(logging.WARNING)  # the bar replaces them
+    start = time.monotonic()
+    try:
+        report = sendfiles.queue_files(config, args.destination, paths, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     for problem in report.problems:
         print(problem, file=sys.stderr)
-    print(f"{report.queued} instance(s) queued for {args.destination}, {len(report.problems)} skipped")
+    print(progress.summary(report.queued, len(report.problems), args.destination, report.nbytes,
+                           time.monotonic() - start))
     return EXIT_OK if report.queued and not report.problems else EXIT_FAILED
 
 
@@ -137,6 +173,16 @@ def cmd_encode(args) -> int:
                                  keep_empty_frames=args.keep_empty_frames)
     print(f"wrote {out.path}: {out.summary}")
     return EXIT_OK
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 3600 seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         "queue counts, oldest pending age and last error.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (stable keys, see README)")
+    p.add_argument("--watch", action="store_true",
+                   help="refresh every --interval seconds until Ctrl-C (with --json: one object per line)")
+    p.add_argument("--interval", type=_interval, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes with --watch (default 2)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

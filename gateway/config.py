@@ -150,6 +150,8 @@ class ForwardConfig(_Model):
 
 class LoggingConfig(_Model):
     level: str = "INFO"
+    #: ``text``: one readable line per event; ``json``: one JSON object per line, same fields.
+    format: str = "text"
 
     @field_validator("level")
     @classmethod
@@ -157,6 +159,13 @@ class LoggingConfig(_Model):
         value = value.upper()
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in {"text", "json"}:
+            raise ValueError("must be text or json")
         return value
 
 

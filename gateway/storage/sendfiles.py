@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,19 @@ class GiveUpFile(Exception):
 class SendReport:
     queued: int = 0
     problems: list[str] = field(default_factory=list)
+    nbytes: int = 0  # bytes of the files queued
+
+
+def count_files(paths: Iterable[Path]) -> tuple[int, int]:
+    """How many files ``queue_files`` will look at, and their total size (a stat each, for a progress bar)."""
+    n = size = 0
+    for path in _files(paths, []):
+        n += 1
+        try:
+            size += path.stat().st_size
+        except OSError:
+            pass
+    return n, size
 
 
 def _files(paths: Iterable[Path], problems: list[str]) -> Iterator[Path]:
@@ -81,7 +94,16 @@ def _describe(path: Path) -> tuple[dict, str]:
     return uids, str(ts)
 
 
-def queue_files(config: Config, dest: str, paths: Iterable[Path], now: float | None = None) -> SendReport:
+def _tracked(files: Iterable[Path], progress: Callable[[Path], None] | None) -> Iterator[Path]:
+    """Yield each file, then tell ``progress`` once the caller has handled it (queued or skipped)."""
+    for path in files:
+        yield path
+        if progress is not None:
+            progress(path)
+
+
+def queue_files(config: Config, dest: str, paths: Iterable[Path], now: float | None = None,
+                progress: Callable[[Path], None] | None = None) -> SendReport:
     """Store the DICOM files under ``paths`` and queue them for ``dest``; report counts and problems.
 
     Raises ``UnknownDestination`` for an unconfigured ``dest`` and ``StorageFull`` (after
@@ -92,7 +114,7 @@ def queue_files(config: Config, dest: str, paths: Iterable[Path], now: float | N
     records: list[index.InstanceRecord] = []
     full: StorageFull | None = None
     now = time.time() if now is None else now
-    for path in _files(paths, report.problems):
+    for path in _tracked(_files(paths, report.problems), progress):
         try:
             uids, ts = _describe(path)
             target = store.instance_path(
@@ -138,6 +160,7 @@ def queue_files(config: Config, dest: str, paths: Iterable[Path], now: float | N
         for rec in records:
             log.info("queued SOP %s for %s (from a file)", rec.sop_instance_uid, dest)
     report.queued = len({r.sop_instance_uid for r in records})
+    report.nbytes = sum({r.sop_instance_uid: r.size for r in records}.values())
     if full is not None:
         raise StorageFull(f"{full} ({report.queued} file(s) were queued before that)")
     return report
