@@ -103,6 +103,9 @@ CREATE TABLE webhooks (
 );
 CREATE INDEX webhooks_due ON webhooks(state, next_attempt_at);
 """),
+    # /readyz proves the database takes a committed write by updating this one row
+    ("health_probe", "CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                     "checked_at REAL NOT NULL);"),
 ]
 
 

@@ -202,3 +202,42 @@ def destination_status(conn: sqlite3.Connection, destinations: Iterable[str], no
             "last_error": last["last_error"] if last else None,
         }
     return result
+
+
+def list_items(
+    conn: sqlite3.Connection, destination: str | None = None, state: str | None = None,
+    limit: int = 50, offset: int = 0,
+) -> tuple[int, list[dict]]:
+    """One page of queue items (newest change first) with their last error, and the total matching."""
+    where, args = [], []
+    if destination is not None:
+        where.append("q.destination = ?")
+        args.append(destination)
+    if state is not None:
+        where.append("q.state = ?")
+        args.append(state)
+    sql_where = f"WHERE {' AND '.join(where)}" if where else ""
+    total = conn.execute(f"SELECT COUNT(*) AS n FROM queue q {sql_where}", args).fetchone()["n"]
+    rows = conn.execute(
+        f"""SELECT q.id, q.destination, q.sop_instance_uid, q.state, q.attempts, q.last_error,
+                   q.enqueued_at, q.updated_at, q.next_attempt_at, i.study_uid, i.series_uid,
+                   i.sop_class_uid
+            FROM queue q LEFT JOIN instances i ON i.sop_instance_uid = q.sop_instance_uid
+            {sql_where} ORDER BY q.updated_at DESC, q.id DESC LIMIT ? OFFSET ?""",
+        (*args, limit, offset),
+    ).fetchall()
+    return total, [dict(r) for r in rows]
+
+
+def retry_item(conn: sqlite3.Connection, item_id: int, now: float) -> State | None:
+    """A failed item back to pending with fresh attempts, a waiting one due now; its state, None if absent."""
+    row = conn.execute("SELECT state FROM queue WHERE id = ?", (item_id,)).fetchone()
+    if row is None:
+        return None
+    if row["state"] == State.FAILED.value:
+        conn.execute("UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? "
+                     "WHERE id = ?", (now, now, item_id))
+        return State.PENDING
+    if row["state"] == State.PENDING.value:
+        conn.execute("UPDATE queue SET next_attempt_at = ?, updated_at = ? WHERE id = ?", (now, now, item_id))
+    return State(row["state"])
