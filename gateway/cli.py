@@ -185,6 +185,23 @@ def _interval(text: str) -> float:
     return value
 
 
+def cmd_hash_secret(args) -> int:
+    import getpass
+
+    from gateway.web.hashing import hash_secret
+
+    if sys.stdin.isatty():
+        secret = getpass.getpass("secret (not shown): ")
+    else:
+        secret = sys.stdin.read(64 * 1024).removesuffix("\n").removesuffix("\r")
+    try:
+        print(hash_secret(secret))
+    except ValueError as exc:
+        print(f"dicom-gateway: {exc}; pass the token or password on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -281,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-empty-frames", action="store_true",
                    help="SEG: keep frames with no segmented pixel (as inbox.keep_empty_frames: true)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser(
+        "hash-secret", help="print the salted hash of a token or password read from stdin",
+        description="Read one secret (an API token or a Basic password) from stdin (one trailing "
+        "newline is dropped) and print its salted scrypt hash for http.auth.tokens[].hash or "
+        "http.auth.users[].hash. The secret itself never goes into the config.",
+    )
+    p.set_defaults(func=cmd_hash_secret)
     return parser
 
 

@@ -7,6 +7,7 @@ never be silently ignored.
 
 from __future__ import annotations
 
+import enum
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -148,6 +150,105 @@ class ForwardConfig(_Model):
     calling_ae_title: AETitle | None = None
 
 
+def _byte_size(value: Any) -> Any:
+    """Accept ``8 GiB``, ``600 MB`` or a plain integer of bytes."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, re.IGNORECASE)
+        if not match:
+            raise ValueError("must be a number of bytes, e.g. 1048576 or '8 GiB'")
+        units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+        return int(float(match.group(1)) * units[(match.group(2) or "").lower()])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_byte_size), Strict(), _between(0, 2**62)]
+_CRED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+def _cred_name(value: str) -> str:
+    if not _CRED_NAME.match(value):
+        raise ValueError("must be 1 to 64 letters, digits, '_', '.', '@' or '-' (no ':' or spaces)")
+    return value
+
+
+def _secret_hash(value: str) -> str:
+    from gateway.web.hashing import check_format
+
+    return check_format(value)
+
+
+class Scope(str, enum.Enum):
+    READ = "read"  # QIDO-RS, WADO-RS, job and status reads
+    WRITE = "write"  # STOW-RS, POST /api/inbox/jobs
+    ADMIN = "admin"  # the admin API
+
+
+class CredentialConfig(_Model):
+    #: Who this is in the request log (never the secret).
+    name: Annotated[str, Strict(), AfterValidator(_cred_name)]
+    #: ``dicom-gateway hash-secret`` output: a salted scrypt hash, never the secret.
+    hash: Annotated[str, Strict(), AfterValidator(_secret_hash)]
+    scopes: tuple[Scope, ...] = (Scope.READ,)
+
+
+class HttpAuthConfig(_Model):
+    #: ``Authorization: Bearer <token>`` credentials.
+    tokens: tuple[CredentialConfig, ...] = ()
+    #: HTTP Basic users (``name`` is the user name).
+    users: tuple[CredentialConfig, ...] = ()
+    realm: Annotated[str, Strict(), Field(min_length=1, max_length=64, pattern=r'^[^"\\]+$')] = "dicom-gateway"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens or self.users)
+
+
+class HttpConfig(_Model):
+    enabled: bool = True
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+    #: Largest request body (a STOW-RS upload of many instances); bigger ones get 413.
+    max_request_bytes: ByteSize = 8 * 1024**3
+    #: A request whose body stalls this long between reads gets 408 and is dropped.
+    read_timeout_seconds: Seconds = 60.0
+    #: Concurrent connections served; more get 503 at once.
+    max_connections: Count = 64
+    #: External base URL for RetrieveURL/BulkDataURI (behind a proxy); default: the request's own.
+    base_url: Annotated[str, Strict(), Field(pattern=r"^https?://[^\s]+[^/\s]$")] | None = None
+    auth: HttpAuthConfig = HttpAuthConfig()
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost`` are loopback; any other name or address is not."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _http_problems(config: "Config") -> list[str]:
+    """Secure by default: no listener off loopback without credentials."""
+    http = config.http
+    problems = []
+    if http.enabled and not is_loopback(http.host) and not http.auth.enabled:
+        problems.append(
+            f"http.host: listening on a non-loopback address needs http.auth.tokens or http.auth.users "
+            f"(make hashes with 'dicom-gateway hash-secret'), got {show(http.host)}"
+        )
+    for kind in ("tokens", "users"):
+        seen: set[str] = set()
+        for i, cred in enumerate(getattr(http.auth, kind)):
+            if cred.name in seen:
+                problems.append(f"http.auth.{kind}[{i}].name: names must be unique, got {show(cred.name)}")
+            seen.add(cred.name)
+    return problems
+
+
 class LoggingConfig(_Model):
     level: str = "INFO"
     #: ``text``: one readable line per event; ``json``: one JSON object per line, same fields.
@@ -182,6 +283,7 @@ class Config(_Model):
     series_complete: SeriesCompleteConfig = SeriesCompleteConfig()
     #: Series-complete triggers: export folder + webhook for AI tools (routing/triggers.py).
     triggers: tuple[TriggerConfig, ...] = ()
+    http: HttpConfig = HttpConfig()
     #: Where the file was loaded from (set by ``load``; not a YAML key).
     source_path: Path | None = Field(default=None, exclude=True)
 
@@ -217,6 +319,8 @@ _REASONS = {
     "tuple_type": "must be a list",
     "list_type": "must be a list",
     "path_type": "must be a path",
+    "string_pattern_mismatch": "has characters or a form that is not allowed here",
+    "enum": "must be one of read, write, admin",
 }
 
 
@@ -272,7 +376,7 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     config = None
     # Absent sections are validated as empty ones so their default paths resolve too.
     sections = ("node", "security", "storage", "inbox", "routes", "retry", "forward", "logging",
-                "series_complete")
+                "series_complete", "http")
     filled = {name: {} for name in sections}
     filled.update({k: ({} if v is None and k in sections else v) for k, v in raw.items()})
     try:
@@ -281,6 +385,8 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
         problems.extend(_problems(exc))
     problems.extend(_route_problems(raw))
     problems.extend(raw_problems(raw))
+    if config is not None:
+        problems.extend(_http_problems(config))
     if problems:
         raise ConfigError(problems)
     assert config is not None

@@ -61,6 +61,15 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
 
     poller = inbox.Inbox(config, on_queued=wake_senders)
     server = receive.start_server(config, on_queued=wake_senders)
+    web = None
+    if config.http.enabled:
+        from gateway.web import server as http
+
+        try:
+            web = http.start(config, http.deps_for(config, on_queued=wake_senders))
+        except BaseException:
+            server.shutdown()
+            raise
     log.info(
         "listening as %s on %s:%d; inbox %s every %gs; destinations: %s",
         config.node.ae_title, config.node.host, config.node.port, config.inbox.path,
@@ -80,7 +89,8 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
     finally:
         sdnotify.notify("STOPPING=1")
         log.info("shutting down")
-        steps = [*(s.stop for s in senders.values()), poller.stop, server.shutdown,
+        steps = [*(s.stop for s in senders.values()), poller.stop,
+                 *([web.shutdown] if web is not None else []), server.shutdown,
                  lambda: scheduler.shutdown(wait=True), *(s.close for s in senders.values()),
                  poller.close]
         failed = 0

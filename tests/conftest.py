@@ -313,6 +313,7 @@ def gateway_config(tmp_path: Path, **sections) -> Path:
         "retry": {"max_attempts": 5, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 2},
         "forward": {"poll_interval_seconds": 0.2},
         "logging": {"level": "INFO"},
+        "http": {"port": free_port()},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -340,6 +341,10 @@ class GatewayProcess:
         return self.config["node"]["port"]
 
     @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['http']['port']}"
+
+    @property
     def ae_title(self) -> str:
         return self.config["node"]["ae_title"]
 
@@ -351,8 +356,11 @@ class GatewayProcess:
             stdout=log, stderr=subprocess.STDOUT, cwd=self.config_path.parent,
         )
         log.close()
-        wait_until(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.05,
-                   "the gateway to listen")
+        http = self.config.get("http") or {}
+        http_port = http.get("port") if http.get("enabled", True) else None
+        wait_until(lambda: self.proc.poll() is not None or (
+            port_open(self.port) and (http_port is None or port_open(http_port))), timeout, 0.05,
+            "the gateway to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"gateway exited at start: {self.log()[-3000:]}")
 
