@@ -30,7 +30,7 @@ def test_hash_is_salted_and_verifies():
     assert a != b and a.startswith("scrypt$")
     assert hashing.verify("x", a) and hashing.verify("x", b)
     assert not hashing.verify("y", a)
-    assert "x" not in a.split("$", 4)[-1]
+    assert "plain-secret-value" not in hashing.hash_secret("plain-secret-value")
     assert hashing.check_format(a) == a
     with pytest.raises(ValueError, match="hash-secret"):
         hashing.check_format("plain-secret")
