@@ -113,6 +113,8 @@ class InboxConfig(_Model):
     source_wait_seconds: Annotated[float, _between(0, 86400 * 7)] = 300.0
     #: Keep empty frames in segmentations (off: frames with no set pixel are left out).
     keep_empty_frames: bool = False
+    #: Also react to file events (inotify) at once; the poll stays as the safety net.
+    watch_events: bool = True
 
     _paths = field_validator("path", mode="before")(_resolve)
 

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,13 +23,21 @@ from gateway.config import Config
 log = logging.getLogger("gateway.service")
 
 
-def run(config: Config, stop: threading.Event | None = None) -> int:
-    """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code."""
+def run(config: Config, stop: threading.Event | None = None,
+        crash_hook: Callable[[str], None] | None = None) -> int:
+    """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code.
+
+    ``crash_hook`` is a test seam: called with a point's name at the trigger export's crash
+    points (``routing.export.CRASH_POINTS``); production passes None.
+    """
     import pydicom
 
     from gateway.forward import sender as forward
     from gateway.inbox import inbox
     from gateway.dimse import receive
+    from gateway.inbox.watch import InboxWatcher
+    from gateway.routing.export import SeriesTriggers
+    from gateway.routing.webhook import Webhooks
 
     # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
     # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
@@ -59,7 +68,16 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
             if job is not None:
                 job.modify(next_run_time=datetime.now(job.trigger.timezone))
 
+    def wake(job_id: str) -> None:
+        job = scheduler.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(job.trigger.timezone))
+
     poller = inbox.Inbox(config, on_queued=wake_senders)
+    watcher = InboxWatcher(config.inbox.path, poller.run_once) if config.inbox.watch_events else None
+    series_triggers = (SeriesTriggers(config, on_fired=lambda: wake("webhooks"), crash_hook=crash_hook)
+                       if config.triggers else None)
+    webhooks = Webhooks(config) if any(t.webhook for t in config.triggers) else None
     server = receive.start_server(config, on_queued=wake_senders)
     web = None
     if config.http.enabled:
@@ -81,7 +99,18 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
     for name, sender in senders.items():
         scheduler.add_job(sender.run_once, "interval", seconds=config.forward.poll_interval_seconds,
                           id=f"forward:{name}", next_run_time=now)
+    if series_triggers is not None:
+        # A series is due stable_seconds after its last instance: look often enough to fire
+        # within a quarter of that (at most every second, at least every 50 ms).
+        every = min(1.0, max(0.05, config.series_complete.stable_seconds / 4))
+        scheduler.add_job(series_triggers.run_once, "interval", seconds=every, id="triggers",
+                          next_run_time=now)
+    if webhooks is not None:
+        scheduler.add_job(webhooks.run_once, "interval", seconds=1.0, id="webhooks", next_run_time=now)
     scheduler.start()
+    if watcher is not None and watcher.start():
+        log.info("inbox %s: reacting to file events, polling every %gs as the safety net",
+                 config.inbox.path, config.inbox.poll_interval_seconds)
     sdnotify.notify(f"READY=1\nSTATUS=listening on {config.node.host}:{config.node.port}")
     try:
         while not stop.wait(0.5):
@@ -89,10 +118,12 @@ def run(config: Config, stop: threading.Event | None = None) -> int:
     finally:
         sdnotify.notify("STOPPING=1")
         log.info("shutting down")
-        steps = [*(s.stop for s in senders.values()), poller.stop,
+        extras = [x for x in (series_triggers, webhooks) if x is not None]
+        steps = [*(s.stop for s in senders.values()), poller.stop, *(x.stop for x in extras),
+                 *([watcher.stop] if watcher is not None else []),
                  *([web.shutdown] if web is not None else []), server.shutdown,
                  lambda: scheduler.shutdown(wait=True), *(s.close for s in senders.values()),
-                 poller.close]
+                 poller.close, *(x.close for x in extras)]
         failed = 0
         for step in steps:  # every step runs even if one fails: no thread may keep us alive
             try:

@@ -7,6 +7,7 @@ add keys freely, never rename or remove one.
 from __future__ import annotations
 
 from gateway.storage import db, index, queue
+from gateway.storage import series as series_rows
 from gateway.config import Config
 
 
@@ -20,12 +21,16 @@ def collect(config: Config, now: float) -> dict:
                    "next_attempt_in_seconds": None, "last_error": None}
             for name in config.destinations
         }
+        rules = series_rows.rule_match_counts(None, [r.name for r in config.routes.rules])
+        triggers = series_rows.trigger_status(None, [t.name for t in config.triggers], now)
     else:
         try:
             store = index.store_counts(conn)
             jobs = index.job_counts(conn)
             failures = index.recent_failed_jobs(conn)
             dests = queue.destination_status(conn, config.destinations, now)
+            rules = series_rows.rule_match_counts(conn, [r.name for r in config.routes.rules])
+            triggers = series_rows.trigger_status(conn, [t.name for t in config.triggers], now)
         finally:
             conn.close()
     totals = {s.value: sum(d[s.value] for d in dests.values()) for s in queue.State}
@@ -36,6 +41,8 @@ def collect(config: Config, now: float) -> dict:
         "inbox": {**jobs, "recent_failures": failures},
         "destinations": dests,
         "queue_totals": totals,
+        "rules": rules,
+        "triggers": triggers,
     }
 
 
@@ -71,5 +78,16 @@ def render(report: dict) -> str:
             line += f"; next attempt in {_age(d['next_attempt_in_seconds'])}"
         if d["last_error"]:
             line += f"; last error: {d['last_error']}"
+        lines.append(line)
+    for name, r in report["rules"].items():
+        lines.append(f"rule {name}: {r['matches']} matches")
+    for name, t in report["triggers"].items():
+        w = t["webhooks"]
+        line = (f"trigger {name}: {t['series_open']} series open, {t['series_fired']} fired; webhooks "
+                f"{w['pending']} pending, {w['sent']} sent, {w['failed']} failed")
+        if w["last_error"]:
+            line += f"; last webhook error: {w['last_error']}"
+        if t["last_export_error"]:
+            line += f"; last export error: {t['last_export_error']}"
         lines.append(line)
     return "\n".join(lines)

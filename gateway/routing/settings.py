@@ -98,6 +98,15 @@ def _keyword(value: str) -> str:
     return value
 
 
+def _between(low: float, high: float):
+    def check(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+        return value
+
+    return check
+
+
 def _pattern(value: str) -> str:
     if not value:
         raise ValueError("must not be empty (use '*' to require any value)")
@@ -188,7 +197,7 @@ class WebhookConfig(_Model):
     headers: dict[HeaderName, Annotated[str, Strict()]] = {}
     #: A file holding a bearer token, sent as ``Authorization: Bearer <token>``.
     token_file: Path | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    timeout_seconds: Annotated[float, AfterValidator(_between(0.1, 600))] = 10.0
 
     _paths = field_validator("token_file", mode="before")(_resolve)
 
@@ -198,6 +207,18 @@ class WebhookConfig(_Model):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                with open(value, "rb") as f:
+                    if not f.read(4096).strip():
+                        raise ValueError("the token file is empty")
+            except OSError as exc:
+                raise ValueError(f"cannot read the token file ({exc.strerror or exc})") from None
         return value
 
     @model_validator(mode="after")
@@ -223,7 +244,7 @@ class TriggerConfig(_Model):
 
 class SeriesCompleteConfig(_Model):
     #: A series is complete when none of its instances arrived for this long.
-    stable_seconds: Annotated[float, Field(ge=0.01, le=86400)] = 30.0
+    stable_seconds: Annotated[float, AfterValidator(_between(0.01, 86400))] = 30.0
 
 
 def raw_problems(raw: dict) -> list[str]:

@@ -24,9 +24,14 @@ def count_rule_matches(conn: sqlite3.Connection, rules: Iterable[str], now: floa
     )
 
 
-def rule_match_counts(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict]:
+def rule_match_counts(conn: sqlite3.Connection | None, names: Iterable[str]) -> dict[str, dict]:
     """Per configured rule: how many instances it routed and when it last matched."""
-    rows = {r["rule"]: r for r in conn.execute("SELECT * FROM rule_matches")}
+    rows = {}
+    if conn is not None:
+        try:
+            rows = {r["rule"]: r for r in conn.execute("SELECT * FROM rule_matches")}
+        except sqlite3.OperationalError:  # a database not yet migrated by ``run``
+            rows = {}
     return {
         name: {"matches": rows[name]["matches"] if name in rows else 0,
                "last_match_at": rows[name]["last_match_at"] if name in rows else None}
@@ -207,8 +212,21 @@ def retry_failed_webhooks(conn: sqlite3.Connection, now: float) -> int:
     ).rowcount
 
 
-def trigger_status(conn: sqlite3.Connection, names: Iterable[str], now: float) -> dict[str, dict]:
+def trigger_status(conn: sqlite3.Connection | None, names: Iterable[str], now: float) -> dict[str, dict]:
     """Per configured trigger: series open/fired, export errors, webhook counts and last error."""
+    names = list(names)
+    try:
+        if conn is not None:
+            return _trigger_status(conn, names, now)
+    except sqlite3.OperationalError:  # a database not yet migrated by ``run``
+        pass
+    return {name: {"series_open": 0, "series_fired": 0, "last_export_error": None,
+                   "webhooks": {**{s.value: 0 for s in WebhookState}, "oldest_pending_age_seconds": None,
+                                "last_error": None}}
+            for name in names}
+
+
+def _trigger_status(conn: sqlite3.Connection, names: list[str], now: float) -> dict[str, dict]:
     result = {}
     for name in names:
         counts = {s.value: 0 for s in SeriesState}

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import REPO, free_port
 
-COMMANDS = ["run", "check-config", "echo", "status", "retry", "send", "encode"]
+COMMANDS = ["run", "check-config", "echo", "status", "retry", "send", "route", "encode"]
 
 
 def gateway(*args, cwd=REPO, timeout=60):

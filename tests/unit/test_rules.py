@@ -159,6 +159,7 @@ def test_bad_rules_are_config_errors_with_key_paths():
 
 
 def test_bad_triggers_are_config_errors_with_key_paths(tmp_path):
+    (tmp_path / "tok").write_text("s3cret\n")
     found = problems({
         "series_complete": {"stable_seconds": 0},
         "triggers": [
@@ -167,6 +168,8 @@ def test_bad_triggers_are_config_errors_with_key_paths(tmp_path):
             {"name": "t", "match": {}, "export_dir": str(tmp_path)},
             {"name": "u", "match": {"modality": "CT"}, "export_dir": str(tmp_path / "u"),
              "webhook": {"url": "http://ai.example.org/jobs", "token_file": str(tmp_path / "tok")}},
+            {"name": "v", "match": {"modality": "CT"}, "export_dir": str(tmp_path / "v"),
+             "webhook": {"url": "https://ai.example.org/jobs", "token_file": str(tmp_path / "missing")}},
         ],
     })
     text = "\n".join(found)
@@ -176,6 +179,9 @@ def test_bad_triggers_are_config_errors_with_key_paths(tmp_path):
     assert any(p.startswith("triggers[1].match: must hold at least one condition") for p in found), text
     assert "triggers[1].name: another trigger has this name, got 't'" in found, text
     assert any(p.startswith("triggers[2].webhook: a token_file needs an https:// url") for p in found), text
+    assert (f"triggers[3].webhook.token_file: cannot read the token file (No such file or directory), "
+            f"got '{tmp_path / 'missing'}'") in found, text
+    assert "s3cret" not in text
     assert f"triggers[1].export_dir: trigger t exports there too; give each trigger its own folder, got '{tmp_path}'" in found
     assert "Bearer abc" not in text  # a secret put in the wrong place is never echoed back
 
