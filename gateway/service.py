@@ -16,6 +16,7 @@ from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from gateway import metrics as gateway_metrics
 from gateway import sdnotify
 from gateway.storage import db, queue
 from gateway.config import Config
@@ -58,6 +59,7 @@ def run(config: Config, stop: threading.Event | None = None,
     if stale:
         log.info("requeued %d item(s) left 'sending' by an earlier run", stale)
 
+    metrics = gateway_metrics.build(config)
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
     senders = {name: forward.Sender(config, name) for name in config.destinations}
 
@@ -84,7 +86,9 @@ def run(config: Config, stop: threading.Event | None = None,
         from gateway.web import server as http
 
         try:
-            web = http.start(config, http.deps_for(config, on_queued=wake_senders))
+            deps = http.deps_for(config, on_queued=wake_senders)
+            deps.extras["metrics"] = metrics
+            web = http.start(config, deps)
         except BaseException:
             server.shutdown()
             raise

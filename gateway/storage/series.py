@@ -263,3 +263,13 @@ def _trigger_status(conn: sqlite3.Connection, names: list[str], now: float) -> d
                          "last_error": hook_error["last_error"] if hook_error else None},
         }
     return result
+
+
+def recent_triggers(conn: sqlite3.Connection, limit: int = 10) -> list[dict]:
+    """The latest series trigger rows (fired or open), newest first, for the dashboard."""
+    rows = conn.execute(
+        "SELECT trigger, series_uid, study_uid, state, revision, last_arrival_at, fired_at, export_path, "
+        "last_error FROM series_triggers ORDER BY COALESCE(fired_at, last_arrival_at) DESC LIMIT ?",
+        (limit,),
+    )
+    return [dict(r) for r in rows]

@@ -96,6 +96,9 @@ def create_app(config: Config, deps: Deps | None = None, routers: bool = True) -
                                                request.url.path, exc, exc_info=logging.DEBUG >= logging.getLogger().level)
         return _error(500, f"internal error ({type(exc).__name__}); the gateway log has the details")
 
+    from gateway.web.ops import RequestMetrics
+
+    app.add_middleware(RequestMetrics)  # inside LimitsAndLog: its 413/408 answers are logged, not counted
     app.add_middleware(LimitsAndLog, max_request_bytes=config.http.max_request_bytes,
                        read_timeout=config.http.read_timeout_seconds)
     if routers:

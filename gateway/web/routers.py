@@ -8,4 +8,7 @@ from fastapi import APIRouter
 def all_routers() -> list[APIRouter]:
     """Every built-in router, imported lazily so ``gateway.web`` loads only what it serves."""
     routers: list[APIRouter] = []
+    from gateway.web import admin, dashboard, ops
+
+    routers += [ops.router, admin.router, dashboard.router]
     return routers
