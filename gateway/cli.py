@@ -117,14 +117,21 @@ def cmd_retry(args) -> int:
 
     if args.destination is not None:
         scu.destination(config, args.destination)  # refuse unknown names
+    from gateway.storage import series
+
     conn = db.connect(config.db_path)
+    hooks = 0
     try:
         with db.transaction(conn):
             n = queue.retry_failed(conn, args.destination, time.time())
+            if args.destination is None:
+                hooks = series.retry_failed_webhooks(conn, time.time())
     finally:
         conn.close()
     which = args.destination or "all destinations"
     print(f"{n} failed item(s) of {which} back to pending")
+    if hooks:
+        print(f"{hooks} failed webhook(s) back to pending")
     return EXIT_OK
 
 
