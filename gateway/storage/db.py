@@ -106,6 +106,38 @@ CREATE INDEX webhooks_due ON webhooks(state, next_attempt_at);
     # /readyz proves the database takes a committed write by updating this one row
     ("health_probe", "CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), "
                      "checked_at REAL NOT NULL);"),
+    # QIDO-RS: the searchable attributes of each instance (storage/qido.py); rows of an
+    # earlier release are filled from their files at start (qido.backfill).
+    ("instance_attributes", """
+CREATE TABLE instance_attributes (
+    sop_instance_uid         TEXT PRIMARY KEY,  -- instances.sop_instance_uid
+    patient_name             TEXT,
+    patient_id               TEXT,
+    patient_birth_date       TEXT,              -- YYYYMMDD as stored
+    patient_sex              TEXT,
+    study_date               TEXT,
+    study_time               TEXT,
+    accession_number         TEXT,
+    study_id                 TEXT,
+    study_description        TEXT,
+    referring_physician_name TEXT,
+    modality                 TEXT,
+    series_number            TEXT,
+    series_description       TEXT,
+    series_date              TEXT,
+    series_time              TEXT,
+    body_part_examined       TEXT,
+    instance_number          TEXT,
+    rows                     INTEGER,
+    columns                  INTEGER,
+    number_of_frames         TEXT,
+    bits_allocated           INTEGER,
+    specific_character_set   TEXT
+);
+CREATE INDEX instance_attributes_patient ON instance_attributes(patient_id);
+CREATE INDEX instance_attributes_study_date ON instance_attributes(study_date);
+CREATE INDEX instance_attributes_accession ON instance_attributes(accession_number);
+"""),
 ]
 
 

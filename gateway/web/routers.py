@@ -11,4 +11,7 @@ def all_routers() -> list[APIRouter]:
     from gateway.web import admin, dashboard, ops
 
     routers += [ops.router, admin.router, dashboard.router]
+    from gateway.web import stow
+
+    routers += [stow.router]
     return routers
