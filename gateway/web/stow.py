@@ -23,6 +23,7 @@ from gateway.storage.store import Outcome, Result
 from gateway.storage.uids import is_valid_uid
 from gateway.web.app import Deps, get_deps
 from gateway.web.auth import Identity, require_scope
+from gateway.web.common import base_url
 from gateway.web.dicomjson import DICOM_JSON, DicomJSONResponse, element, reason_elements
 from gateway.web.multipart import MalformedBody, Part, RelatedParser, UnsupportedMediaType, related_boundary
 
@@ -36,19 +37,6 @@ FAILURE_REASONS = {
     Outcome.UNREADABLE: 0xC000,  # Error: cannot understand
     Outcome.FAILED: 0x0110,  # Processing failure
 }
-
-
-def base_url(request: Request, deps: Deps) -> str:
-    """Where clients reach us: ``http.base_url`` behind a proxy, else this request's own origin."""
-    if deps.config.http.base_url:
-        return deps.config.http.base_url
-    base = str(request.base_url).rstrip("/")
-    server = request.scope.get("server")
-    host = request.headers.get("host", "")
-    # Some clients (dicomweb-client) send Host without the port: add the one we listen on.
-    if server and host and ":" not in host.rsplit("]", 1)[-1] and server[1] not in (80, 443):
-        base = f"{request.url.scheme}://{host}:{server[1]}"
-    return base
 
 
 def spool_dir(deps: Deps) -> Path:

@@ -87,3 +87,14 @@ def web_node(tmp_path):
     yield start
     for server in started:
         server.shutdown()
+
+
+def multipart_parts(response) -> list[tuple[dict, bytes]]:
+    """The parts of a multipart/related response as (headers, body), parsed by the stdlib."""
+    from email import policy
+    from email.parser import BytesParser
+
+    raw = b"Content-Type: " + response.headers["content-type"].encode() + b"\r\n\r\n" + response.content
+    msg = BytesParser(policy=policy.HTTP).parsebytes(raw)
+    assert msg.is_multipart(), response.headers["content-type"]
+    return [({k.lower(): v for k, v in part.items()}, part.get_payload(decode=True)) for part in msg.iter_parts()]

@@ -1,0 +1,375 @@
+"""WADO-RS (PS3.18 10.4): instances, series and studies as multipart/related streamed from disk.
+
+The stored bytes go out unchanged (chunked reads of ``CHUNK`` bytes, never a whole file in
+memory); uncompressed little endian instances may be re-labelled between Implicit and
+Explicit VR (``relabel_head``: the header is re-encoded, the pixel bytes are copied). Also
+metadata (DICOM JSON with BulkDataURIs), the bulk data behind those URIs, and frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from io import BytesIO
+from pathlib import Path
+from typing import Iterator
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from starlette.concurrency import run_in_threadpool
+
+from gateway.storage import qido
+from gateway.web.app import Deps, get_deps
+from gateway.web.auth import Identity, require_scope
+from gateway.web.common import StoredHeader, base_url, check_uid_param, header_json, read_header
+from gateway.web.dicomjson import DICOM_JSON
+from gateway.web.negotiate import (
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    Choice,
+    NotAcceptable,
+    choose_frames,
+    choose_instance,
+    parse_accept,
+)
+
+log = logging.getLogger("gateway.wado")
+router = APIRouter(tags=["DICOMweb"])
+CHUNK = 1024 * 1024
+
+
+def _boundary() -> str:
+    return "gw" + secrets.token_hex(16)
+
+
+def _copy(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The file's bytes from ``start`` (``length`` of them, or to the end), CHUNK at a time."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            data = f.read(CHUNK if left is None else min(CHUNK, left))
+            if not data:
+                if left:
+                    raise OSError(f"{path.name} is shorter than its index says")
+                return
+            if left is not None:
+                left -= len(data)
+            yield data
+
+
+def relabel_head(header: StoredHeader, target: str) -> bytes:
+    """Preamble, file meta and data set before Pixel Data, encoded in ``target`` (IVR/EVR LE), plus the
+    Pixel Data element's own header: the pixel bytes that follow are the stored ones."""
+    ds = header.dataset
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = target
+    out = BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    body_ds = ds.copy()
+    body_ds.file_meta = meta
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = target == IMPLICIT_LE
+    write_dataset(fp, body_ds)
+    out.write(fp.getvalue())
+    if header.pixel_tag is not None:
+        tag = header.pixel_tag.to_bytes(4, "big")
+        tag_le = tag[0:2][::-1] + tag[2:4][::-1]
+        length = (header.pixel_length or 0).to_bytes(4, "little")
+        if target == IMPLICIT_LE:
+            out.write(tag_le + length)
+        else:
+            vr = header.pixel_vr or ("OB" if int(ds.get("BitsAllocated", 16) or 16) <= 8 else "OW")
+            out.write(tag_le + vr.encode() + b"\0\0" + length)
+    return out.getvalue()
+
+
+def _instance_body(path: Path, choice: Choice) -> Iterator[bytes]:
+    if choice.as_stored:
+        yield from _copy(path)
+        return
+    header = read_header(path)
+    yield relabel_head(header, choice.transfer_syntax)
+    if header.pixel_tag is not None:
+        yield from _copy(path, header.pixel_value_offset, header.pixel_length)
+
+
+def _rows(deps: Deps, study: str, series: str | None, instance: str | None) -> list:
+    with deps.reader() as conn:
+        return qido.instances_of(conn, study, series, instance)
+
+
+def _what(study: str, series: str | None, instance: str | None) -> str:
+    if instance:
+        return f"instance {instance}"
+    return f"series {series}" if series else f"study {study}"
+
+
+async def _retrieve(request: Request, deps: Deps, study: str, series: str | None = None,
+                    instance: str | None = None) -> StreamingResponse:
+    check_uid_param(study, "Study Instance UID")
+    for value, what in ((series, "Series Instance UID"), (instance, "SOP Instance UID")):
+        if value is not None:
+            check_uid_param(value, what)
+    rows = await run_in_threadpool(_rows, deps, study, series, instance)
+    if not rows:
+        raise HTTPException(404, f"no {_what(study, series, instance)} is stored here")
+    ranges = parse_accept(request.headers.get("accept"))
+    plan = []
+    try:
+        for row in rows:
+            plan.append((row, choose_instance(ranges, row["transfer_syntax"], single=len(rows) == 1)))
+    except NotAcceptable as exc:
+        raise HTTPException(406, str(exc)) from None
+    data_dir = deps.data_dir
+    missing = [r["sop_instance_uid"] for r, _ in plan if not (data_dir / r["path"]).is_file()]
+    if missing:
+        raise HTTPException(404, f"the file of instance {missing[0]} is missing from the store; "
+                                 "check the data folder")
+    if not plan[0][1].multipart:
+        row, choice = plan[0]
+        path = data_dir / row["path"]
+        headers = {"Content-Length": str(row["size"])} if choice.as_stored else {}
+        return StreamingResponse(_instance_body(path, choice), headers=headers,
+                                 media_type=f"application/dicom; transfer-syntax={choice.transfer_syntax}")
+    boundary = _boundary()
+    base = base_url(request, deps)
+    heads = []
+    for row, choice in plan:
+        url = (f"{base}/dicom-web/studies/{row['study_uid']}/series/{row['series_uid']}"
+               f"/instances/{row['sop_instance_uid']}")
+        heads.append((f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
+                      f"{choice.transfer_syntax}\r\nContent-Location: {url}\r\n\r\n").encode())
+    tail = f"--{boundary}--\r\n".encode()
+    headers = {}
+    if all(c.as_stored for _, c in plan):
+        total = sum(len(h) + row["size"] + 2 for h, (row, _) in zip(heads, plan)) + len(tail)
+        headers["Content-Length"] = str(total)
+
+    def body() -> Iterator[bytes]:
+        for head, (row, choice) in zip(heads, plan):
+            yield head
+            yield from _instance_body(data_dir / row["path"], choice)
+            yield b"\r\n"
+        yield tail
+
+    return StreamingResponse(body(), headers=headers,
+                             media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+
+
+# --------------------------------------------------------------------------- metadata and bulk data
+
+
+def _bulk_prefix(base: str, row) -> str:
+    return (f"{base}/dicom-web/studies/{row['study_uid']}/series/{row['series_uid']}"
+            f"/instances/{row['sop_instance_uid']}/bulk/")
+
+
+async def _metadata(request: Request, deps: Deps, study: str, series: str | None = None,
+                    instance: str | None = None) -> StreamingResponse:
+    check_uid_param(study, "Study Instance UID")
+    for value, what in ((series, "Series Instance UID"), (instance, "SOP Instance UID")):
+        if value is not None:
+            check_uid_param(value, what)
+    accept = request.headers.get("accept")
+    if accept and not any(t in accept.lower() for t in (DICOM_JSON, "application/json", "*/*", "application/*")):
+        raise HTTPException(406, f"metadata is sent as {DICOM_JSON}; the Accept header asks for {accept!r:.100}")
+    rows = await run_in_threadpool(_rows, deps, study, series, instance)
+    if not rows:
+        raise HTTPException(404, f"no {_what(study, series, instance)} is stored here")
+    base = base_url(request, deps)
+    data_dir = deps.data_dir
+
+    def body() -> Iterator[bytes]:
+        yield b"["
+        for i, row in enumerate(rows):
+            prefix = _bulk_prefix(base, row)
+            try:
+                header = read_header(data_dir / row["path"])
+                item = header_json(header, lambda tagpath: prefix + tagpath)
+            except (OSError, ValueError) as exc:
+                log.warning("metadata of %s: %s", row["sop_instance_uid"], exc)
+                continue
+            yield (b"," if i else b"") + json.dumps(item, separators=(",", ":")).encode()
+        yield b"]"
+
+    return StreamingResponse(body(), media_type=DICOM_JSON)
+
+
+def _one_row(deps: Deps, study: str, series: str, instance: str):
+    for value, what in ((study, "Study Instance UID"), (series, "Series Instance UID"),
+                        (instance, "SOP Instance UID")):
+        check_uid_param(value, what)
+    rows = _rows(deps, study, series, instance)
+    if not rows:
+        raise HTTPException(404, f"no instance {instance} is stored in series {series} of study {study}")
+    return rows[0]
+
+
+def _octet_parts(request: Request, parts: list[tuple[str, Iterator[bytes], int | None]], media: str,
+                 transfer_syntax: str | None, multipart: bool) -> StreamingResponse:
+    if not multipart:
+        _, gen, size = parts[0]
+        return StreamingResponse(gen, media_type=media,
+                                 headers={"Content-Length": str(size)} if size is not None else {})
+    boundary = _boundary()
+    ts = f"; transfer-syntax={transfer_syntax}" if transfer_syntax else ""
+
+    def body() -> Iterator[bytes]:
+        for location, gen, size in parts:
+            yield (f"--{boundary}\r\nContent-Type: {media}{ts}\r\nContent-Location: {location}\r\n"
+                   + (f"Content-Length: {size}\r\n" if size is not None else "") + "\r\n").encode()
+            yield from gen
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
+
+def _wants_multipart(request: Request, media: str) -> bool:
+    ranges = parse_accept(request.headers.get("accept"))
+    for r in ranges:
+        if r.type in ("multipart/related", "*/*", "multipart/*"):
+            return True
+        if r.type in (media, "application/octet-stream", media.split("/")[0] + "/*"):
+            return False
+    raise HTTPException(406, f"this resource is {media} (multipart/related or bare); the Accept header asks "
+                             f"for {request.headers.get('accept')!r:.100}")
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}/instances/{instance}/bulk/{tagpath:path}",
+            summary="WADO-RS: bulk data behind a BulkDataURI")
+async def bulk(study: str, series: str, instance: str, tagpath: str, request: Request,
+               identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    row = await run_in_threadpool(_one_row, deps, study, series, instance)
+    path = deps.data_dir / row["path"]
+    header = await run_in_threadpool(read_header, path)
+    steps = tagpath.strip("/").split("/")
+    if any(not s for s in steps) or len(steps) % 2 == 0:
+        raise HTTPException(400, f"the bulk data path {tagpath!r:.100} is not TAG[/INDEX/TAG...]")
+    location = str(request.url)
+    if len(steps) == 1 and header.pixel_tag is not None and steps[0].upper() == f"{header.pixel_tag:08X}":
+        if header.encapsulated:
+            return await frames(study, series, instance, "all", request, identity, deps)
+        multipart = _wants_multipart(request, "application/octet-stream")
+        return _octet_parts(request, [(location, _copy(path, header.pixel_value_offset, header.pixel_length),
+                                       header.pixel_length)], "application/octet-stream", None, multipart)
+    ds = header.dataset
+    try:
+        for i in range(0, len(steps) - 1, 2):
+            ds = ds[int(steps[i], 16)].value[int(steps[i + 1])]
+        value = ds[int(steps[-1], 16)].value
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise HTTPException(404, f"instance {instance} has no bulk data at {tagpath!r:.100}") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise HTTPException(404, f"the element at {tagpath!r:.100} is not bulk data")
+    multipart = _wants_multipart(request, "application/octet-stream")
+    return _octet_parts(request, [(location, iter([bytes(value)]), len(value))], "application/octet-stream",
+                        None, multipart)
+
+
+def _frame_numbers(text: str, count: int) -> list[int]:
+    if text == "all":
+        return list(range(1, count + 1))
+    try:
+        numbers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise HTTPException(400, f"frame list {text!r:.60} must be comma-separated numbers from 1") from None
+    bad = [n for n in numbers if not 1 <= n <= count]
+    if bad:
+        raise HTTPException(404, f"frame {bad[0]} does not exist: the instance has {count} frame(s)")
+    if len(numbers) > 10000:
+        raise HTTPException(400, "ask for at most 10000 frames per request")
+    return numbers
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}/instances/{instance}/frames/{framelist}",
+            summary="WADO-RS: frames (uncompressed as application/octet-stream, compressed as stored)")
+async def frames(study: str, series: str, instance: str, framelist: str, request: Request,
+                 identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    row = await run_in_threadpool(_one_row, deps, study, series, instance)
+    path = deps.data_dir / row["path"]
+    header = await run_in_threadpool(read_header, path)
+    if header.pixel_tag is None:
+        raise HTTPException(404, f"instance {instance} has no pixel data")
+    ds = header.dataset
+    try:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        count = 1
+    numbers = _frame_numbers(framelist, count)
+    try:
+        choice = choose_frames(parse_accept(request.headers.get("accept")), str(header.transfer_syntax))
+    except NotAcceptable as exc:
+        raise HTTPException(406, str(exc)) from None
+    base = str(request.url).split("/frames/")[0] + "/frames/"
+    parts = []
+    if not header.encapsulated:
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        if bits % 8 or not bits:
+            raise HTTPException(406, f"frames with BitsAllocated {bits} are not cut out; retrieve the instance")
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+        if size * count > (header.pixel_length or 0):
+            raise HTTPException(500, f"instance {instance}: its pixel data is shorter than its frames")
+        for n in numbers:
+            parts.append((f"{base}{n}", _copy(path, header.pixel_value_offset + (n - 1) * size, size), size))
+    else:
+        for n in numbers:
+            parts.append((f"{base}{n}", _encapsulated_frame(path, header, n - 1, count), None))
+    return _octet_parts(request, parts, choice.media_type, choice.transfer_syntax, choice.multipart or len(parts) > 1)
+
+
+def _encapsulated_frame(path: Path, header: StoredHeader, index: int, count: int) -> Iterator[bytes]:
+    from pydicom.encaps import get_frame
+
+    with open(path, "rb") as f:
+        f.seek(header.pixel_value_offset)
+        yield get_frame(f, index, number_of_frames=count)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@router.get("/dicom-web/studies/{study}", summary="WADO-RS: a study")
+async def retrieve_study(study: str, request: Request, identity: Identity = Depends(require_scope("read")),
+                         deps: Deps = Depends(get_deps)):
+    return await _retrieve(request, deps, study)
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}", summary="WADO-RS: a series")
+async def retrieve_series(study: str, series: str, request: Request,
+                          identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    return await _retrieve(request, deps, study, series)
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}/instances/{instance}", summary="WADO-RS: an instance")
+async def retrieve_instance(study: str, series: str, instance: str, request: Request,
+                            identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    return await _retrieve(request, deps, study, series, instance)
+
+
+@router.get("/dicom-web/studies/{study}/metadata", summary="WADO-RS: metadata of a study")
+async def study_metadata(study: str, request: Request, identity: Identity = Depends(require_scope("read")),
+                         deps: Deps = Depends(get_deps)):
+    return await _metadata(request, deps, study)
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}/metadata", summary="WADO-RS: metadata of a series")
+async def series_metadata(study: str, series: str, request: Request,
+                          identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    return await _metadata(request, deps, study, series)
+
+
+@router.get("/dicom-web/studies/{study}/series/{series}/instances/{instance}/metadata",
+            summary="WADO-RS: metadata of an instance")
+async def instance_metadata(study: str, series: str, instance: str, request: Request,
+                            identity: Identity = Depends(require_scope("read")), deps: Deps = Depends(get_deps)):
+    return await _metadata(request, deps, study, series, instance)
+
+
