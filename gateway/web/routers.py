@@ -11,7 +11,7 @@ def all_routers() -> list[APIRouter]:
     from gateway.web import admin, dashboard, ops
 
     routers += [ops.router, admin.router, dashboard.router]
-    from gateway.web import qido, stow, wado
+    from gateway.web import jobs, qido, stow, wado
 
-    routers += [stow.router, qido.router, wado.router]
+    routers += [stow.router, qido.router, wado.router, jobs.router]
     return routers
