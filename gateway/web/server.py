@@ -116,6 +116,7 @@ def deps_for(config: Config, on_queued=lambda names: None) -> Deps:
     from gateway.storage.store import Store
 
     conn = db.connect(config.db_path)
+    backfill_qido(conn, config)
     store = Store(
         data_dir=config.node.data_dir,
         store_dir=config.store_dir,
@@ -124,3 +125,14 @@ def deps_for(config: Config, on_queued=lambda names: None) -> Deps:
         min_free_bytes=config.storage.min_free_bytes,
     )
     return Deps(config=config, store=store, on_queued=on_queued)
+
+
+def backfill_qido(conn, config: Config) -> int:
+    """Instances stored before QIDO existed (an earlier release) get their searchable attributes."""
+    from gateway.storage import qido
+    from gateway.storage.ingest_web import read_header
+
+    n = qido.backfill(conn, config.node.data_dir, read_header)
+    if n:
+        log.info("QIDO: indexed the attributes of %d instance(s) stored by an earlier release", n)
+    return n
