@@ -15,7 +15,8 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import DEFAULT_CONFIG_PATH, Config, load
-from gateway.errors import ConfigError, GatewayError, UnknownDestination
+from gateway.logsafe import OneLineFormatter
+from gateway.errors import ConfigError, DataDirInUse, GatewayError, UnknownDestination
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -29,7 +30,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     from gateway.logfmt import JsonFormatter, TEXT_DATEFMT, TEXT_FORMAT
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else OneLineFormatter(TEXT_FORMAT, TEXT_DATEFMT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    except UnknownDestination as exc:
+    except (UnknownDestination, DataDirInUse) as exc:
         print(f"dicom-gateway: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except GatewayError as exc:

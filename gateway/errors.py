@@ -46,3 +46,7 @@ class SourceNotFound(RetryLater):
 
 class UnknownDestination(GatewayError):
     """A destination name is not configured."""
+
+
+class DataDirInUse(GatewayError):
+    """Another ``run`` holds the data folder's lock."""

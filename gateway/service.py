@@ -18,7 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from gateway import metrics as gateway_metrics
 from gateway import sdnotify
-from gateway.storage import db, queue
+from gateway.storage import datadir, db, queue
 from gateway.config import Config
 
 log = logging.getLogger("gateway.service")
@@ -33,6 +33,20 @@ def run(config: Config, stop: threading.Event | None = None,
     """
     import pydicom
 
+    # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
+    # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+    # One process per data folder, before anything in it is touched (DataDirInUse: exit 2).
+    data_lock = datadir.lock(config.node.data_dir)
+    try:
+        return _run_locked(config, stop, crash_hook)
+    finally:
+        data_lock.release()
+
+
+def _run_locked(config: Config, stop: threading.Event | None,
+                crash_hook: Callable[[str], None] | None) -> int:
     from gateway.forward import sender as forward
     from gateway.inbox import inbox
     from gateway.dimse import receive
@@ -40,16 +54,13 @@ def run(config: Config, stop: threading.Event | None = None,
     from gateway.routing.export import SeriesTriggers
     from gateway.routing.webhook import Webhooks
 
-    # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
-    # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
 
-    config.node.data_dir.mkdir(parents=True, exist_ok=True)
+    inbox_dir = config.inbox.path
+    datadir.secure(config.node.data_dir, (inbox_dir / "done", inbox_dir / "failed"))
     conn = db.connect(config.db_path)
     try:
         with db.transaction(conn):

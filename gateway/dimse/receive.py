@@ -32,9 +32,11 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from gateway.storage import db
+from gateway.storage.datadir import make_dir
 from gateway.config import Config
 from gateway.dimse.codec import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
 from gateway.errors import GatewayError
+from gateway.logsafe import wire
 from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.dimse.spool import Spooler, clean_spool
@@ -62,7 +64,7 @@ def _peer(assoc) -> str:
         title = None
     address = getattr(assoc.requestor, "address", "?")
     port = getattr(assoc.requestor, "port", "?")
-    return f"AE {title} at {address}:{port}" if title else f"{address}:{port}"
+    return f"AE {wire(title, 16)} at {address}:{port}" if title else f"{address}:{port}"
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,9 @@ def _on_rejected(event, config: Config) -> None:
     called = str(getattr(rq, "called_ae_title", "")).strip()
     allowed = config.security.allowed_calling_aets
     if allowed and calling not in allowed:
-        reason = f"calling AE title {calling!r} is not in security.allowed_calling_aets"
+        reason = f"calling AE title '{wire(calling, 16)}' is not in security.allowed_calling_aets"
     elif config.node.require_called_ae_title and called != config.node.ae_title:
-        reason = f"called AE title {called!r} is not ours ({config.node.ae_title!r})"
+        reason = f"called AE title '{wire(called, 16)}' is not ours ({config.node.ae_title!r})"
     else:
         reason = f"node.max_associations ({config.node.max_associations}) reached"
     log.warning("rejected association from %s: %s", _peer(event.assoc), reason)
@@ -166,14 +168,15 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -
     if result.outcome is Outcome.STORED:
         if spool is not None:
             spool.placed()
-        log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, calling, result.size)
+        log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
+                 result.size)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))
             on_queued(result.queued_for)
     else:
         log.warning(
-            "refused SOP %.70s from AE %s with 0x%04X: %s",
-            req_sop, calling, STATUS[result.outcome], result.reason,
+            "refused SOP %s from AE %s with 0x%04X: %s",
+            wire(req_sop, 70), wire(calling, 16), STATUS[result.outcome], wire(result.reason, 300),
         )
     return _status(result)
 
@@ -231,9 +234,9 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
     """Start the SCP on ``node.host:node.port``; it is listening when this returns."""
     node = config.node
     spool_dir = node.data_dir / "tmp"
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(spool_dir)
     clean_spool(spool_dir)
-    config.store_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(config.store_dir)
     conn = db.connect(config.db_path)
     store = Store(
         data_dir=node.data_dir,

@@ -39,6 +39,7 @@ from pynetdicom.status import code_to_category
 from gateway.storage import db, queue
 from gateway.dimse import scu
 from gateway.config import Config
+from gateway.logsafe import wire
 from gateway.dimse.codec import dataset_start, store_request_bytes
 from gateway.dimse.fastpath import PeerGone, give_back_socket, read_response, take_socket, write_message
 
@@ -403,7 +404,7 @@ class Sender:
                     resolved += 1
                     self._sent(out, item, status)
                 else:
-                    detail = f": {comment}" if comment else ""
+                    detail = f": {wire(comment, 64)}" if comment else ""
                     self._fail(
                         out, item,
                         f"{self.dest.ae_title} answered C-STORE with status 0x{status:04X} ({category}){detail}",

@@ -41,6 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from gateway.storage import db, index, queue, store
+from gateway.storage.datadir import make_dir, restrict
 from gateway.derive import derive
 from gateway.inbox import sidecar
 from gateway.config import Config
@@ -217,7 +218,7 @@ class Inbox:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.config.node.data_dir)
             self._conn = db.connect(self.config.db_path)
         return self._conn
 
@@ -239,8 +240,9 @@ class Inbox:
             return 0
         with self._lock:
             try:
-                for folder in (self.path, self.done_dir, self.failed_dir):
-                    folder.mkdir(parents=True, exist_ok=True)
+                self.path.mkdir(parents=True, exist_ok=True)  # shared with the AI tools
+                for folder in (self.done_dir, self.failed_dir):
+                    make_dir(folder)  # the gateway's own: 0700
                 jobs = self.ready_jobs()
             except OSError as exc:
                 log.error("cannot read the inbox %s: %s", self.path, exc.strerror or exc)
@@ -531,6 +533,7 @@ class Inbox:
                 os.replace(path, folder / path.name)
             except FileNotFoundError:
                 pass  # already moved by an earlier, interrupted pass
+            restrict(folder / path.name)  # 0600 (a symlink is left as it is, not its target)
         for moved in (folder, self.path):
             _fsync_dir(moved)
         log.info("job %s moved to %s/", job.name, folder.name)

@@ -6,6 +6,7 @@ committed transaction survive power loss, because Success to a peer promises exa
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,7 +184,9 @@ def _statements(script: str) -> list[str]:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open (and create) the database; autocommit mode, transactions only via ``transaction``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # SQLite gives its -wal and -shm files the database file's mode: create it 0600 first.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")

@@ -88,7 +88,7 @@ def ensure_dir(folder: Path) -> None:
         probe = probe.parent
     for path in reversed(missing):
         try:
-            path.mkdir()
+            path.mkdir(mode=0o700)  # readable by the gateway's user only, whatever the umask
         except FileExistsError:
             pass  # another thread made it; its creator fsyncs the parent
         _fsync_dir(path.parent)
@@ -114,7 +114,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> int:
         raise _storage_error(exc, path) from exc
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        with open(tmp, "xb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
