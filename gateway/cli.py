@@ -43,6 +43,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # httpx logs every request at INFO; the DICOMweb sender logs one line per outcome itself.
+    # httpcore's trace lines stay off even at DEBUG: no chance of a header with a token in a log.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     # "skipped: maximum number of running instances" each poll while a long batch runs: normal
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
@@ -67,11 +71,12 @@ def cmd_run(args) -> int:
 
 def cmd_echo(args) -> int:
     config = _load(args)
-    from gateway.dimse import scu
+    from gateway.forward.echo import echo
 
     start = time.monotonic()
-    scu.echo(config, args.destination)
-    print(f"C-ECHO {args.destination}: Success in {1000 * (time.monotonic() - start):.0f} ms")
+    what = echo(config, args.destination)
+    kind, _, rest = what.partition(": ")
+    print(f"{kind} {args.destination}: {rest} in {1000 * (time.monotonic() - start):.0f} ms")
     return EXIT_OK
 
 
@@ -242,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser(
-        "echo", parents=[common], help="C-ECHO a configured destination",
-        description="Send a C-ECHO to a destination from the config; exit 0 on Success, 1 with the "
-        "reason otherwise.",
+        "echo", parents=[common], help="check a destination: C-ECHO, or a QIDO-RS query for DICOMweb",
+        description="Check a destination from the config: a C-ECHO (type dimse), or for a DICOMweb "
+        "destination a QIDO-RS GET {url}/studies?limit=1 with its credentials. Exit 0 when it "
+        "answers, 1 with what failed otherwise (DNS/connect, TLS, auth, or the server's status).",
     )
     p.add_argument("destination", metavar="DEST", help="a name under 'destinations' in the config")
     p.set_defaults(func=cmd_echo)

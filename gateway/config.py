@@ -8,21 +8,27 @@ never be silently ignored.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BeforeValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
     ValidationError,
+    Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from gateway.errors import ConfigError
@@ -120,9 +126,206 @@ class InboxConfig(_Model):
 
 
 class DestinationConfig(_Model):
+    """A DICOM (C-STORE) destination: ``type: dimse``, the default."""
+
+    type: Literal["dimse"] = "dimse"
     ae_title: AETitle
     host: Host
     port: Port
+
+
+# ---------------------------------------------------------------- DICOMweb destinations
+
+
+def _secret_file(value: Any, info: ValidationInfo) -> Path | None:
+    """A secret's file must be readable now and closed to other users: caught at check-config, not at 3 a.m."""
+    if value is None:
+        return None
+    path = _resolve(value, info)
+    try:
+        with open(path, "rb") as f:
+            content = f.read(MAX_SECRET_BYTES + 1)
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read the secret file ({exc.strerror or exc})") from None
+    if len(content) > MAX_SECRET_BYTES:
+        raise ValueError("the secret file is larger than 64 KiB; is this the right file?")
+    if not content.strip():
+        raise ValueError("the secret file is empty")
+    if mode & 0o007:
+        raise ValueError(f"the secret file is open to other users (mode {mode & 0o777:o}); chmod 600 it")
+    return path
+
+
+def _readable_file(value: Any, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    path = _resolve(value, info)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the file ({exc.strerror or exc})") from None
+    return path
+
+
+MAX_SECRET_BYTES = 65536
+_SECRET_KEYS = {"token": "token_file", "password": "password_file", "client_secret": "client_secret_file"}
+
+
+class _AuthModel(_Model):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, file_key in _SECRET_KEYS.items():
+                if key in data:
+                    raise ValueError(
+                        f"secrets are never written in the config: put it in a file (chmod 600) and "
+                        f"name that file with {file_key}, got {key}: (hidden)"
+                    )
+        return data
+
+
+class BearerAuth(_AuthModel):
+    """``Authorization: Bearer`` with a token read from a file (re-read when the file changes)."""
+
+    type: Literal["bearer"]
+    token_file: Path
+
+    _files = field_validator("token_file", mode="before")(_secret_file)
+
+
+class BasicAuth(_AuthModel):
+    """HTTP Basic: a user name and a password read from a file."""
+
+    type: Literal["basic"]
+    username: Annotated[str, Strict(), Field(min_length=1, max_length=256)]
+    password_file: Path
+
+    _files = field_validator("password_file", mode="before")(_secret_file)
+
+
+class OAuth2Auth(_AuthModel):
+    """OAuth2 client credentials grant: token cached, refreshed before expiry and once on 401."""
+
+    type: Literal["oauth2"]
+    token_url: Annotated[str, Strict(), AfterValidator(lambda v: _http_url(v, "token_url"))]
+    client_id: Annotated[str, Strict(), Field(min_length=1, max_length=1024)]
+    client_secret_file: Path
+    scope: Annotated[str, Strict(), Field(max_length=4096)] | None = None
+
+    _files = field_validator("client_secret_file", mode="before")(_secret_file)
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url_secure(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme == "http" and not _loopback(parsed.hostname or ""):
+            raise ValueError(
+                "the client secret would cross the network in clear text: use an https:// token_url "
+                "(plain http is allowed only to a loopback address)"
+            )
+        return value
+
+
+def _http_url(value: str, what: str = "url") -> str:
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parsed.query or parsed.fragment:
+        raise ValueError("must not have a query (?...) or fragment (#...)")
+    if parsed.username or parsed.password:
+        raise ValueError("must not hold credentials: use auth with a secret file")
+    return value.rstrip("/") if what == "url" else value
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class HttpTlsConfig(_Model):
+    """TLS for an https:// destination: the server is verified against the system CAs by default."""
+
+    #: CA certificates (PEM) that sign the server's certificate, instead of the system's.
+    ca_file: Path | None = None
+    #: Verify the server's certificate and host name; false is for tests only.
+    verify: bool = True
+    #: A client certificate (PEM) and its key, for servers that require one.
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    _files = field_validator("ca_file", "client_cert_file", mode="before")(_readable_file)
+    _keys = field_validator("client_key_file", mode="before")(_secret_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "HttpTlsConfig":
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together: set both or neither")
+        import ssl
+
+        ctx = ssl.create_default_context()
+        if self.ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(self.ca_file))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"ca_file holds no usable PEM CA certificate ({exc}), "
+                                 f"got {str(self.ca_file)!r}") from None
+        if self.client_cert_file is not None:
+            try:
+                ctx.load_cert_chain(str(self.client_cert_file), str(self.client_key_file))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"client_cert_file and client_key_file do not load as a certificate "
+                                 f"and its key ({exc}), got {str(self.client_cert_file)!r}") from None
+        return self
+
+
+Auth = Annotated[BearerAuth | BasicAuth | OAuth2Auth, Field(discriminator="type")]
+MebiByte = 1024 * 1024
+
+
+class DicomwebDestinationConfig(_Model):
+    """A DICOMweb destination: STOW-RS to ``{url}/studies``."""
+
+    type: Literal["dicomweb"]
+    #: The DICOMweb root, e.g. https://archive.example.org/dicom-web
+    url: Annotated[str, Strict(), Field(max_length=2048), AfterValidator(_http_url)]
+    auth: Auth | None = None
+    tls: HttpTlsConfig = HttpTlsConfig()
+    #: Instances per request up to this many bytes (one instance may exceed it alone).
+    max_request_bytes: Annotated[ByteSize, _between(1, 2**40)] = ByteSize(64 * MebiByte)
+    timeout_seconds: Seconds = 120.0
+
+    @model_validator(mode="after")
+    def _secure(self) -> "DicomwebDestinationConfig":
+        parsed = urlsplit(self.url)
+        if self.auth is not None and parsed.scheme == "http" and not _loopback(parsed.hostname or ""):
+            raise ValueError(
+                "credentials would cross the network in clear text: use an https:// url "
+                f"(plain http is allowed only to a loopback address), got {self.url!r}"
+            )
+        if self.tls.client_cert_file is not None and parsed.scheme != "https":
+            raise ValueError(f"tls.client_cert_file needs an https:// url, got {self.url!r}")
+        return self
+
+
+def _destination_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("type", "dimse")
+    return getattr(value, "type", "dimse")
+
+
+AnyDestination = Annotated[
+    Annotated[DestinationConfig, Tag("dimse")] | Annotated[DicomwebDestinationConfig, Tag("dicomweb")],
+    Discriminator(
+        _destination_type,
+        custom_error_type="destination_type",
+        custom_error_message="type must be dimse (the default) or dicomweb",
+    ),
+]
 
 
 class RoutesConfig(_Model):
@@ -277,7 +480,7 @@ class Config(_Model):
     security: SecurityConfig = SecurityConfig()
     storage: StorageConfig = StorageConfig()
     inbox: InboxConfig = InboxConfig()
-    destinations: dict[str, DestinationConfig] = {}
+    destinations: dict[str, AnyDestination] = {}
     routes: RoutesConfig = RoutesConfig()
     retry: RetryConfig = RetryConfig()
     forward: ForwardConfig = ForwardConfig()
@@ -323,21 +526,54 @@ _REASONS = {
     "path_type": "must be a path",
     "string_pattern_mismatch": "has characters or a form that is not allowed here",
     "enum": "must be one of read, write, admin",
+    "byte_size": "must be a size such as 67108864, 64 MiB or 500 kB",
+    "byte_size_unit": "must be a size such as 67108864, 64 MiB or 500 kB",
 }
+
+
+_UNION_REASONS = {
+    "destination_type": "must be dimse (the default) or dicomweb",
+    "union_tag_invalid": "must be one of: bearer, basic, oauth2",
+    "union_tag_not_found": "needs a type: bearer, basic or oauth2",
+}
+
+
+def _untag(loc: tuple) -> tuple:
+    """Drop the union tags pydantic puts in a location (destinations.X.dicomweb.url -> destinations.X.url)."""
+    out: list = []
+    for i, item in enumerate(loc):
+        if (i == 2 and loc[0] == "destinations" and item in ("dimse", "dicomweb")) or (
+            out and out[-1] == "auth" and item in ("bearer", "basic", "oauth2")
+        ):
+            continue
+        out.append(item)
+    return tuple(out)
+
+
+def _hide_secrets(value: Any) -> Any:
+    """Never echo a secret someone wrote into the YAML by mistake."""
+    if isinstance(value, dict):
+        return {k: ("(hidden)" if k in _SECRET_KEYS else _hide_secrets(v)) for k, v in value.items()}
+    return value
 
 
 def _problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
+        loc = _untag(tuple(err["loc"]))
         kind = err["type"]
         if kind == "value_error":
             reason = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         else:
-            reason = _REASONS.get(kind, err["msg"][0].lower() + err["msg"][1:])
-        line = f"{key_path(loc)}: {reason}"
-        if kind != "missing":
-            line += f", got {show(err['input'])}"
+            reason = _UNION_REASONS.get(kind) or _REASONS.get(kind, err["msg"][0].lower() + err["msg"][1:])
+        if kind == "destination_type":
+            line = f"{key_path(loc)}.type: {reason}, got {show(err['input'].get('type'))}"
+        elif kind == "union_tag_invalid":
+            line = f"{key_path(loc)}.type: {reason}, got {show(err['ctx']['tag'])}"
+        else:
+            line = f"{key_path(loc)}: {reason}"
+            if kind != "missing" and ", got " not in reason:
+                line += f", got {show(_hide_secrets(err['input']))}"
         problems.append(line)
     return problems
 

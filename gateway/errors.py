@@ -50,3 +50,7 @@ class UnknownDestination(GatewayError):
 
 class DataDirInUse(GatewayError):
     """Another ``run`` holds the data folder's lock."""
+
+
+class AuthRefused(GiveUp):
+    """A destination or its token endpoint refused our credentials; fix the secret, then retry."""

@@ -24,6 +24,17 @@ from gateway.config import Config
 log = logging.getLogger("gateway.service")
 
 
+def _sender(config: Config, name: str):
+    """The sender for a destination's type: C-STORE (dimse) or STOW-RS (dicomweb)."""
+    if config.destinations[name].type == "dicomweb":
+        from gateway.forward.dicomweb_sender import DicomwebSender
+
+        return DicomwebSender(config, name)
+    from gateway.forward import sender as forward
+
+    return forward.Sender(config, name)
+
+
 def run(config: Config, stop: threading.Event | None = None,
         crash_hook: Callable[[str], None] | None = None) -> int:
     """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code.
@@ -47,7 +58,6 @@ def run(config: Config, stop: threading.Event | None = None,
 
 def _run_locked(config: Config, stop: threading.Event | None,
                 crash_hook: Callable[[str], None] | None) -> int:
-    from gateway.forward import sender as forward
     from gateway.inbox import inbox
     from gateway.dimse import receive
     from gateway.inbox.watch import InboxWatcher
@@ -72,7 +82,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
 
     metrics = gateway_metrics.build(config)
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-    senders = {name: forward.Sender(config, name) for name in config.destinations}
+    senders = {name: _sender(config, name) for name in config.destinations}
 
     def wake_senders(names) -> None:
         """Send new work now instead of at the next poll (derived objects: low latency)."""

@@ -33,6 +33,12 @@ def collect(config: Config, now: float) -> dict:
             triggers = series_rows.trigger_status(conn, [t.name for t in config.triggers], now)
         finally:
             conn.close()
+    for name, dest in config.destinations.items():
+        if name in dests:
+            dests[name]["type"] = dest.type
+            dests[name]["address"] = (
+                dest.url if dest.type == "dicomweb" else f"{dest.ae_title}@{dest.host}:{dest.port}"
+            )
     totals = {s.value: sum(d[s.value] for d in dests.values()) for s in queue.State}
     return {
         "node": {"ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port,

@@ -235,16 +235,15 @@ def list_jobs(
 
 
 @router.post("/destinations/{name}/echo", response_model=EchoResult, dependencies=admin,
-             summary="Verify a destination answers (C-ECHO); ok false with the reason otherwise")
+             summary="Verify a destination answers (C-ECHO, or QIDO-RS for DICOMweb); ok false with the reason otherwise")
 def echo_destination(name: str = Path(max_length=64), deps: Deps = Depends(get_deps)) -> dict:
     from gateway import errors
-    from gateway.dimse import scu
+    from gateway.forward.echo import echo
 
     _destination(deps, name)
     start = time.monotonic()
     try:
-        scu.echo(deps.config, name)
-        ok, detail = True, "Success"
+        ok, detail = True, echo(deps.config, name)
     except errors.GatewayError as exc:
         ok, detail = False, str(exc)
     return {"destination": name, "ok": ok, "milliseconds": round(1000 * (time.monotonic() - start), 1),
