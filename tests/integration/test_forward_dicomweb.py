@@ -21,7 +21,7 @@ import yaml
 from gateway import config as config_mod
 from gateway.forward.dicomweb_sender import DicomwebSender
 from gateway.storage import db, queue, sendfiles
-from tests.conftest import free_port, gateway_config, wait_until
+from tests.conftest import gateway_config, wait_until
 from tests.integration.dicomweb_peers import (
     PASSWORD,
     USER,
@@ -32,6 +32,7 @@ from tests.integration.dicomweb_peers import (
     store_all,
     stow_response,
 )
+from tests.integration.web_node import READER_TOKEN, WRITER_TOKEN, web_node  # noqa: F401
 
 SMALL = {"rows": 64, "columns": 64}
 
@@ -444,3 +445,38 @@ def test_requests_share_one_kept_alive_connection(tmp_path, stow_peer, ct_series
     sender.close()
     assert len(peer.requests) == 6
     assert len({r.client_port for r in peer.requests}) == 1
+
+
+# --------------------------------------------------------------------------- the gateway's own STOW-RS server
+
+
+def test_forward_to_another_gateways_stow_rs_with_a_bearer_token(tmp_path, dcmtk, web_node, ct_series,
+                                                                 gateway_factory):
+    """The second real server: a gateway's own DICOMweb node (auth on); a write token stores, a read token is
+    refused for good (403) with the server's words."""
+    node = web_node()
+    folder = tmp_path / "gw"
+    writer = secret_file(folder, "writer-token", WRITER_TOKEN + "\n")
+    reader = secret_file(folder, "reader-token", READER_TOKEN + "\n")
+    gw = gateway_factory(folder, destinations={
+        "node": {"type": "dicomweb", "url": node.dicomweb, "auth": {"type": "bearer", "token_file": str(writer)}},
+        "readonly": {"type": "dicomweb", "url": node.dicomweb,
+                     "auth": {"type": "bearer", "token_file": str(reader)}},
+    }, routes={"received": ["node", "readonly"]})
+    paths = ct_series(4, **SMALL)
+    result = dcmtk.storescu(gw.port, gw.ae_title, *paths)
+    assert result.returncode == 0, result.stderr
+    db_path = folder / "var" / "gateway.sqlite3"
+    wait_until(lambda: [r["state"] for r in queue_rows(db_path, "node").values()] == ["sent"] * 4, 60, 0.1,
+               "4 sent to the other gateway")
+    wait_until(lambda: [r["state"] for r in queue_rows(db_path, "readonly").values()] == ["failed"] * 4, 60,
+               0.1, "4 failed for the read-only token")
+    rows = {r["sop_instance_uid"]: r for r in node.instance_rows()}
+    assert sorted(rows) == sorted(uid_of(p) for p in paths)
+    for path in paths:
+        stored = node.config.node.data_dir / rows[uid_of(path)]["path"]
+        assert dataset_bytes(stored) == dataset_bytes(path)
+    reason = next(iter(queue_rows(db_path, "readonly").values()))["last_error"]
+    assert reason.startswith("readonly answered HTTP 403 Forbidden"), reason
+    assert gw.cli("echo", "node").returncode == 0
+    assert WRITER_TOKEN not in gw.log() and READER_TOKEN not in gw.log()
