@@ -58,6 +58,10 @@ def _load(args) -> Config:
 def cmd_check_config(args) -> int:
     config = _load(args)
     print(f"{args.config}: OK ({len(config.destinations)} destination(s), data in {config.node.data_dir})")
+    from gateway import status
+
+    for warning in status.security_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -84,10 +85,29 @@ def _resolve(value: Any, info: ValidationInfo) -> Path:
     return path
 
 
+def _resolve_optional(value: Any, info: ValidationInfo) -> Path | None:
+    return None if value is None else _resolve(value, info)
+
+
+class NodeTLSConfig(_Model):
+    """The second listener, speaking DICOM over TLS (``node.tls``)."""
+
+    port: Port
+    cert_file: Path
+    key_file: Path
+    #: CA certificates trusted for client certificates.
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+    _paths = field_validator("cert_file", "key_file", "ca_file", mode="before")(_resolve_optional)
+
+
 class NodeConfig(_Model):
     ae_title: AETitle = "DICOM-GATEWAY"
     host: Host = "127.0.0.1"
-    port: Port = 11112
+    #: The plain listener; null leaves only ``tls.port``.
+    port: Port | None = 11112
+    tls: NodeTLSConfig | None = None
     data_dir: Path = Path("var")
     #: Refuse associations whose called AE title is not ``ae_title``.
     require_called_ae_title: bool = True
@@ -101,9 +121,45 @@ class NodeConfig(_Model):
     _paths = field_validator("data_dir", mode="before")(_resolve)
 
 
+def _network(value: Any):
+    if not isinstance(value, str):
+        raise ValueError("must be an IP network such as 10.1.2.0/24, or one address")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"must be an IP network such as 10.1.2.0/24, or one address ({exc})") from None
+
+
+Network = Annotated[Any, AfterValidator(_network)]
+
+
+class PeerConfig(_Model):
+    """One calling AE title under ``security.peers``: where it may come from, which certificate."""
+
+    hosts: tuple[Network, ...]
+    #: When set, the AE must come over TLS with a client certificate whose subject CN is this.
+    tls_subject_cn: Annotated[str, Strict(), Field(min_length=1, max_length=255)] | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _some_hosts(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("must list at least one network (0.0.0.0/0 for any IPv4 address)")
+        return value
+
+
 class SecurityConfig(_Model):
     #: Empty means any calling AE title is accepted.
     allowed_calling_aets: tuple[AETitle, ...] = ()
+    #: When present, only these calling AE titles may associate, each from its hosts.
+    peers: dict[AETitle, PeerConfig] = {}
+
+
+class AuditConfig(_Model):
+    #: ``audit.jsonl`` is renamed to ``audit.jsonl.1`` (older ones shift) when it reaches this size.
+    rotate_bytes: Annotated[int, Strict(), _between(4096, 2**40)] = 50 * 1024**2
+    #: Rotated files kept besides the current one.
+    keep_files: Annotated[int, Strict(), _between(1, 1000)] = 10
 
 
 class StorageConfig(_Model):
@@ -125,6 +181,21 @@ class InboxConfig(_Model):
     _paths = field_validator("path", mode="before")(_resolve)
 
 
+class DestinationTLSConfig(_Model):
+    """DICOM over TLS to a destination; its certificate is verified, and its name by default."""
+
+    #: CA certificates trusted for the destination's certificate (default: the system's).
+    ca_file: Path | None = None
+    #: Our client certificate and key, when the destination asks for one.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: The name the destination's certificate must carry (default: ``host``).
+    server_name: Host | None = None
+    check_hostname: bool = True
+
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(_resolve_optional)
+
+
 class DestinationConfig(_Model):
     """A DICOM (C-STORE) destination: ``type: dimse``, the default."""
 
@@ -132,6 +203,7 @@ class DestinationConfig(_Model):
     ae_title: AETitle
     host: Host
     port: Port
+    tls: DestinationTLSConfig | None = None
 
 
 # ---------------------------------------------------------------- DICOMweb destinations
@@ -489,6 +561,7 @@ class Config(_Model):
     #: Series-complete triggers: export folder + webhook for AI tools (routing/triggers.py).
     triggers: tuple[TriggerConfig, ...] = ()
     http: HttpConfig = HttpConfig()
+    audit: AuditConfig = AuditConfig()
     #: Where the file was loaded from (set by ``load``; not a YAML key).
     source_path: Path | None = Field(default=None, exclude=True)
 
@@ -499,6 +572,10 @@ class Config(_Model):
     @property
     def store_dir(self) -> Path:
         return self.node.data_dir / "store"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.node.data_dir / "audit.jsonl"
 
     @property
     def calling_ae_title(self) -> str:
@@ -604,7 +681,45 @@ def _route_problems(raw: dict) -> list[str]:
     return problems
 
 
-def parse(raw: Any, base_dir: Path | None = None) -> Config:
+def _tls_problems(config: Config, now: datetime) -> list[str]:
+    """Certificates and keys are read at load time: a mistake is a config error, not a failed handshake."""
+    from gateway.dimse import tls
+
+    problems = []
+    node = config.node
+    if node.port is None and node.tls is None:
+        problems.append("node.port: null leaves no listener; set it or configure node.tls, got null")
+    if node.tls is not None:
+        t = node.tls
+        if node.port is not None and t.port == node.port:
+            problems.append(f"node.tls.port: must differ from node.port, got {t.port}")
+        for which, reason in tls.check_pair(t.cert_file, t.key_file, now):
+            problems.append(f"node.tls.{which}: {reason}, got {show(str(getattr(t, which)))}")
+        if t.require_client_cert and t.ca_file is None:
+            problems.append("node.tls.require_client_cert: needs node.tls.ca_file (the CA that signs "
+                            "client certificates), or set it to false, got true")
+        if t.ca_file is not None:
+            for reason in tls.check_ca(t.ca_file, now):
+                problems.append(f"node.tls.ca_file: {reason}, got {show(str(t.ca_file))}")
+    for name, dest in config.destinations.items():
+        t = dest.tls if dest.type == "dimse" else None
+        if t is None:
+            continue
+        where = f"destinations.{name}.tls"
+        if (t.cert_file is None) != (t.key_file is None):
+            missing = "key_file" if t.key_file is None else "cert_file"
+            problems.append(f"{where}.{missing}: is required when "
+                            f"{'cert_file' if missing == 'key_file' else 'key_file'} is set")
+        elif t.cert_file is not None:
+            for which, reason in tls.check_pair(t.cert_file, t.key_file, now):
+                problems.append(f"{where}.{which}: {reason}, got {show(str(getattr(t, which)))}")
+        if t.ca_file is not None:
+            for reason in tls.check_ca(t.ca_file, now):
+                problems.append(f"{where}.ca_file: {reason}, got {show(str(t.ca_file))}")
+    return problems
+
+
+def parse(raw: Any, base_dir: Path | None = None, now: datetime | None = None) -> Config:
     """Validate already-parsed YAML data; raise ConfigError listing every mistake."""
     if raw is None:
         raw = {}
@@ -614,7 +729,7 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     config = None
     # Absent sections are validated as empty ones so their default paths resolve too.
     sections = ("node", "security", "storage", "inbox", "routes", "retry", "forward", "logging",
-                "series_complete", "http")
+                "series_complete", "http", "audit")
     filled = {name: {} for name in sections}
     filled.update({k: ({} if v is None and k in sections else v) for k, v in raw.items()})
     try:
@@ -625,6 +740,7 @@ def parse(raw: Any, base_dir: Path | None = None) -> Config:
     problems.extend(raw_problems(raw))
     if config is not None:
         problems.extend(_http_problems(config))
+        problems.extend(_tls_problems(config, now or datetime.now().astimezone()))
     if problems:
         raise ConfigError(problems)
     assert config is not None

@@ -7,8 +7,11 @@ and the main thread waiting for SIGTERM/SIGINT to shut all of it down in order.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,12 +22,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from gateway import metrics as gateway_metrics
 from gateway import sdnotify
 from gateway.storage import datadir, db, queue
+from gateway import status
 from gateway.config import Config
 
 log = logging.getLogger("gateway.service")
 
 
-def _sender(config: Config, name: str):
+def _sender(config: Config, name: str, audit):
     """The sender for a destination's type: C-STORE (dimse) or STOW-RS (dicomweb)."""
     if config.destinations[name].type == "dicomweb":
         from gateway.forward.dicomweb_sender import DicomwebSender
@@ -32,7 +36,7 @@ def _sender(config: Config, name: str):
         return DicomwebSender(config, name)
     from gateway.forward import sender as forward
 
-    return forward.Sender(config, name)
+    return forward.Sender(config, name, audit=audit)
 
 
 def run(config: Config, stop: threading.Event | None = None,
@@ -58,6 +62,7 @@ def run(config: Config, stop: threading.Event | None = None,
 
 def _run_locked(config: Config, stop: threading.Event | None,
                 crash_hook: Callable[[str], None] | None) -> int:
+    from gateway import audit as audit_trail
     from gateway.inbox import inbox
     from gateway.dimse import receive
     from gateway.inbox.watch import InboxWatcher
@@ -71,6 +76,9 @@ def _run_locked(config: Config, stop: threading.Event | None,
 
     inbox_dir = config.inbox.path
     datadir.secure(config.node.data_dir, (inbox_dir / "done", inbox_dir / "failed"))
+    audit = _start_audit(config)
+    for warning in status.security_warnings(config):
+        log.warning("%s", warning)
     conn = db.connect(config.db_path)
     try:
         with db.transaction(conn):
@@ -82,7 +90,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
 
     metrics = gateway_metrics.build(config)
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-    senders = {name: _sender(config, name) for name in config.destinations}
+    senders = {name: _sender(config, name, audit) for name in config.destinations}
 
     def wake_senders(names) -> None:
         """Send new work now instead of at the next poll (derived objects: low latency)."""
@@ -101,7 +109,14 @@ def _run_locked(config: Config, stop: threading.Event | None,
     series_triggers = (SeriesTriggers(config, on_fired=lambda: wake("webhooks"), crash_hook=crash_hook)
                        if config.triggers else None)
     webhooks = Webhooks(config) if any(t.webhook for t in config.triggers) else None
-    server = receive.start_server(config, on_queued=wake_senders)
+    try:
+        server = receive.start_server(config, on_queued=wake_senders, audit=audit)
+    except Exception:
+        audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SERIOUS_FAILURE,
+                     type_codes=(audit_trail.APPLICATION_STOP,), participants=_app(config),
+                     description="the DICOM listener could not start")
+        audit.close()
+        raise
     web = None
     if config.http.enabled:
         from gateway.web import server as http
@@ -113,11 +128,16 @@ def _run_locked(config: Config, stop: threading.Event | None,
         except BaseException:
             server.shutdown()
             raise
+    ports = [f"{config.node.host}:{config.node.port}"] if config.node.port is not None else []
+    if config.node.tls is not None:
+        ports.append(f"{config.node.host}:{config.node.tls.port} (TLS)")
     log.info(
-        "listening as %s on %s:%d; inbox %s every %gs; destinations: %s",
-        config.node.ae_title, config.node.host, config.node.port, config.inbox.path,
+        "listening as %s on %s; inbox %s every %gs; destinations: %s",
+        config.node.ae_title, ", ".join(ports), config.inbox.path,
         config.inbox.poll_interval_seconds, ", ".join(config.destinations) or "none",
     )
+    audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SUCCESS,
+                 type_codes=(audit_trail.APPLICATION_START,), participants=_app(config))
     now = datetime.now().astimezone()
     scheduler.add_job(poller.run_once, "interval", seconds=config.inbox.poll_interval_seconds,
                       id="inbox", next_run_time=now)
@@ -136,7 +156,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
     if watcher is not None and watcher.start():
         log.info("inbox %s: reacting to file events, polling every %gs as the safety net",
                  config.inbox.path, config.inbox.poll_interval_seconds)
-    sdnotify.notify(f"READY=1\nSTATUS=listening on {config.node.host}:{config.node.port}")
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {', '.join(ports)}")
     try:
         while not stop.wait(0.5):
             pass
@@ -149,6 +169,10 @@ def _run_locked(config: Config, stop: threading.Event | None,
                  *([web.shutdown] if web is not None else []), server.shutdown,
                  lambda: scheduler.shutdown(wait=True), *(s.close for s in senders.values()),
                  poller.close, *(x.close for x in extras)]
+        steps.append(lambda: audit.record(
+            audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SUCCESS,
+            type_codes=(audit_trail.APPLICATION_STOP,), participants=_app(config)))
+        steps.append(audit.close)  # last: everything recorded above is fsynced before exit
         failed = 0
         for step in steps:  # every step runs even if one fails: no thread may keep us alive
             try:
@@ -158,3 +182,33 @@ def _run_locked(config: Config, stop: threading.Event | None,
                 log.error("shutdown step failed: %r", exc)
         log.info("stopped")
     return 1 if failed else 0
+
+
+def _app(config: Config) -> list[dict]:
+    from gateway import audit as audit_trail
+
+    return [audit_trail.participant(config.node.ae_title, requestor=False,
+                                    role=audit_trail.APPLICATION_ROLE,
+                                    alternative=f"dicom-gateway pid {os.getpid()}")]
+
+
+def _start_audit(config: Config):
+    """Open the trail and record the config this run uses (its path and digest, never its values)."""
+    from gateway import audit as audit_trail
+
+    audit = audit_trail.AuditLog(config.audit_path, f"{config.node.ae_title}@{socket.gethostname()}",
+                                 config.audit.rotate_bytes, config.audit.keep_files).start()
+    obj = {"ParticipantObjectID": str(config.source_path or "(defaults)"),
+           "ParticipantObjectTypeCode": 2, "ParticipantObjectTypeCodeRole": 13,  # Security Resource
+           "ParticipantObjectIDTypeCode": {"csd-code": "12", "codeSystemName": "RFC-3881",
+                                           "originalText": "URI"}}
+    if config.source_path is not None:
+        try:
+            obj["ParticipantObjectDetail"] = [{"type": "SHA-256", "value": hashlib.sha256(
+                config.source_path.read_bytes()).hexdigest()}]
+        except OSError:
+            pass
+    audit.record(audit_trail.SECURITY_ALERT, audit_trail.Outcome.SUCCESS,
+                 type_codes=(audit_trail.SOFTWARE_CONFIGURATION,), participants=_app(config),
+                 objects=[obj], description="configuration loaded")
+    return audit

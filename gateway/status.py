@@ -11,6 +11,17 @@ from gateway.storage import series as series_rows
 from gateway.config import Config
 
 
+def security_warnings(config: Config) -> list[str]:
+    """What ``run`` logs at start and ``status`` shows: certificates near expiry, an open listener."""
+    from gateway.dimse import peers, tls
+
+    found = tls.expiry_warnings(config, tls.utcnow())
+    open_listener = peers.open_listener_warning(config)
+    if open_listener:
+        found.append(open_listener)
+    return found
+
+
 def collect(config: Config, now: float) -> dict:
     conn = db.connect_readonly(config.db_path)
     empty_store = {"studies": 0, "series": 0, "instances": 0, "bytes": 0, "derived": 0}
@@ -42,7 +53,9 @@ def collect(config: Config, now: float) -> dict:
     totals = {s.value: sum(d[s.value] for d in dests.values()) for s in queue.State}
     return {
         "node": {"ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port,
+                 "tls_port": config.node.tls.port if config.node.tls is not None else None,
                  "data_dir": str(config.node.data_dir)},
+        "warnings": security_warnings(config),
         "store": store,
         "inbox": {**jobs, "recent_failures": failures},
         "destinations": dests,
@@ -65,12 +78,17 @@ def _age(seconds) -> str:
 
 def render(report: dict) -> str:
     s, j, n = report["store"], report["inbox"], report["node"]
+    ports = [str(n["port"])] if n["port"] is not None else []
+    if n.get("tls_port") is not None:
+        ports.append(f"{n['tls_port']} (TLS)")
     lines = [
-        f"node     {n['ae_title']} on {n['host']}:{n['port']}, data in {n['data_dir']}",
+        f"node     {n['ae_title']} on {n['host']}:{', '.join(ports)}, data in {n['data_dir']}",
         f"store    {s['studies']} studies, {s['series']} series, {s['instances']} instances "
         f"({s['derived']} derived), {s['bytes'] / 1e6:.1f} MB",
         f"inbox    {j['waiting']} waiting, {j['done']} done, {j['failed']} failed",
     ]
+    for warning in report.get("warnings", []):
+        lines.append(f"WARNING  {warning}")
     for failure in j["recent_failures"]:
         lines.append(f"  failed job {failure['job']}: {failure['error']}")
     if not report["destinations"]:

@@ -39,6 +39,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class _GatewaySocket(AssociationSocket):
 
     gateway_limit: int
     gateway_peer: Callable[[], str]
+    gateway_tls: bool = False
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.gateway_limit:
@@ -187,6 +189,8 @@ class _GatewaySocket(AssociationSocket):
     def ready(self) -> bool:
         if self.socket is None or self._is_connected is False:
             return False
+        if self.gateway_tls and self.socket.pending():
+            return True  # TLS: decrypted bytes already buffered, which select cannot see
         dul = self.assoc.dul
         busy = bool(dul.to_provider_queue.queue) or bool(dul.event_queue.queue)
         try:
@@ -273,6 +277,7 @@ def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
         # Association PDUs (A-ASSOCIATE-RQ with user identity) may exceed a small max PDU.
         sock.gateway_limit = max(max_pdu, 65536) + 1024
         sock.gateway_peer = peer
+        sock.gateway_tls = isinstance(sock.socket, ssl.SSLSocket)
         assoc.dul._run_loop_delay = 0  # the socket wait above paces the DUL loop
     assoc.dimse.msg_queue = _ServeAtOnce(assoc)
     _fast_store_responses(assoc.dimse)

@@ -31,9 +31,11 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from gateway import audit as audit_trail
 from gateway.storage import db
 from gateway.storage.datadir import make_dir
 from gateway.config import Config
+from gateway.dimse import peers, tls
 from gateway.dimse.codec import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
@@ -78,21 +80,90 @@ class Limits:
 def _on_conn_open(event, limits: Limits) -> None:
     """Bind this association's spool settings, bounded socket reads and prompt serving."""
     assoc = event.assoc
+    assoc.gateway_tally = audit_trail.Tally()
     assoc.gateway_spooler = Spooler(limits.spool_dir, limits.max_instance_bytes, limits.min_free_bytes)
     tune_acceptor(assoc, limits.max_pdu, lambda: _peer(assoc))
 
 
-def _on_conn_close(event) -> None:
+def _on_conn_close(event, audit) -> None:
     spooler = getattr(event.assoc, "gateway_spooler", None)
     if spooler is not None:
         spooler.discard_all()
+    _audit_received(event, audit)
 
 
-def _on_established(event) -> None:
+def _audit_received(event, audit) -> None:
+    """What the association stored, once: at release, abort or close, whichever comes first.
+
+    (pynetdicom may close an acceptor's socket without EVT_CONN_CLOSE after a release.)
+    """
+    tally = event.assoc.__dict__.pop("gateway_tally", None)
+    if tally is not None and tally.studies:
+        audit.record(audit_trail.INSTANCES_TRANSFERRED, audit_trail.Outcome.SUCCESS,
+                     action=audit_trail.CREATE, participants=_audit_parties(event.assoc),
+                     objects=tally.objects())
+
+
+def _connection(assoc) -> tuple[str, bool, dict | None]:
+    """(peer address, over TLS, verified client certificate) of an acceptor association."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    cert = tls.peer_certificate(sock)
+    return str(getattr(assoc.requestor, "address", "?")), sock is not None and tls.is_tls(sock), cert
+
+
+def _audit_parties(assoc, called: str | None = None, calling: str | None = None) -> list[dict]:
+    address, over_tls, cert = _connection(assoc)
+    if calling is None:
+        try:
+            calling = str(assoc.requestor.ae_title).strip()
+        except AttributeError:
+            calling = "?"
+    if called is None:
+        called = str(getattr(assoc.acceptor, "ae_title", "") or "").strip()
+    return [
+        audit_trail.participant(calling, requestor=True, address=address, role=audit_trail.SOURCE_ROLE,
+                                alternative=tls.cert_subject(cert)),
+        audit_trail.participant(called, requestor=False, role=audit_trail.DESTINATION_ROLE),
+    ]
+
+
+def _on_requested(event, config: Config, audit) -> None:
+    """security.peers: calling AE + address + TLS client certificate, before any negotiation."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    calling = str(getattr(rq, "calling_ae_title", "")).strip()
+    address, over_tls, cert = _connection(assoc)
+    reason = peers.rejection(config, calling, address, over_tls, tls.cert_common_name(cert))
+    if reason is None:
+        return
+    log.warning("rejected association from AE %s at %s:%s: %s", wire(calling, 16), address,
+                getattr(assoc.requestor, "port", "?"), wire(reason, 300))
+    audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.MINOR_FAILURE,
+                 type_codes=(audit_trail.LOGIN,), description=reason,
+                 participants=_audit_parties(assoc, str(getattr(rq, "called_ae_title", "")).strip(),
+                                             calling))
+    assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE title not recognised
+    assoc.kill()  # as pynetdicom's own rejection does: returns once the A-ASSOCIATE-RJ is out
+
+
+def _on_established(event, audit) -> None:
     log.info("association from %s established", _peer(event.assoc))
+    audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.SUCCESS,
+                 type_codes=(audit_trail.LOGIN,), participants=_audit_parties(event.assoc))
 
 
-def _on_rejected(event, config: Config) -> None:
+def _on_handshake_failed(address: tuple, reason: str, audit) -> None:
+    where = f"{address[0]}:{address[1]}"
+    if reason == tls.CLOSED_DURING_HANDSHAKE:
+        log.info("TLS connection from %s closed before its handshake ended (a port probe?)", where)
+        return
+    log.warning("rejected TLS connection from %s: %s", where, reason)
+    audit.record(audit_trail.SECURITY_ALERT, audit_trail.Outcome.MINOR_FAILURE,
+                 type_codes=(audit_trail.NODE_AUTHENTICATION,), description=reason,
+                 participants=[audit_trail.participant("?", requestor=True, address=str(address[0]))])
+
+
+def _on_rejected(event, config: Config, audit) -> None:
     rq = event.assoc.requestor.primitive
     calling = str(getattr(rq, "calling_ae_title", "")).strip()
     called = str(getattr(rq, "called_ae_title", "")).strip()
@@ -104,6 +175,9 @@ def _on_rejected(event, config: Config) -> None:
     else:
         reason = f"node.max_associations ({config.node.max_associations}) reached"
     log.warning("rejected association from %s: %s", _peer(event.assoc), reason)
+    audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.MINOR_FAILURE,
+                 type_codes=(audit_trail.LOGIN,), description=reason,
+                 participants=_audit_parties(event.assoc, called, calling))
 
 
 def _on_echo(event) -> int:
@@ -170,6 +244,7 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -
             spool.placed()
         log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
                  result.size)
+        assoc.gateway_tally.add(str(item.study_uid), str(item.series_uid), result.size or 0)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))
             on_queued(result.queued_for)
@@ -188,12 +263,17 @@ class ReceiveServer:
     """The listening AE; ``shutdown()`` stops accepting, lets running associations finish
     (bounded by ``grace`` seconds), aborts the rest and closes the database."""
 
-    def __init__(self, ae: AE, server, store: Store, config: Config):
-        self.ae, self.server, self.store, self.config = ae, server, store, config
-        self.address = server.server_address
+    def __init__(self, ae: AE, servers: list, store: Store, config: Config, tls_server=None):
+        self.ae, self.servers, self.store, self.config = ae, servers, store, config
+        self.server = servers[0]
+        plain = [s for s in servers if s is not tls_server]
+        #: (host, port) of the plain listener (None when node.port is null), and of the TLS one.
+        self.address = plain[0].server_address if plain else None
+        self.tls_address = tls_server.server_address if tls_server is not None else None
 
     def shutdown(self, grace: float = 5.0) -> None:
-        self.server.shutdown()  # no new connections
+        for server in self.servers:
+            server.shutdown()  # no new connections
         deadline = time.monotonic() + grace
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -205,15 +285,18 @@ class ReceiveServer:
             time.sleep(0.05)
         # pynetdicom's network threads are not daemons: one waiting for an A-ASSOCIATE-RQ
         # that never comes (a port probe) would hold the process for the ACSE timeout.
-        for assoc in self.server.active_associations:
+        for assoc in self._all():
             assoc.dul.kill_dul()
-        for assoc in self.server.active_associations:
+        for assoc in self._all():
             if assoc.dul.is_alive():  # a just-accepted connection's DUL may not have started yet
                 assoc.dul.join(1.0)
         self.store.close()
 
+    def _all(self) -> list:
+        return [a for server in self.servers for a in server.active_associations]
+
     def _established(self) -> list:
-        return [a for a in self.server.active_associations if a.is_established]
+        return [a for a in self._all() if a.is_established]
 
 
 def _preferred_transfer_syntaxes() -> list[str]:
@@ -230,8 +313,9 @@ def _preferred_transfer_syntaxes() -> list[str]:
     return compressed + [ts for ts in uncompressed if ts in ALL_TRANSFER_SYNTAXES]
 
 
-def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> ReceiveServer:
-    """Start the SCP on ``node.host:node.port``; it is listening when this returns."""
+def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
+                 audit=audit_trail.NULL) -> ReceiveServer:
+    """Start the SCP on ``node.host:node.port`` (and ``node.tls.port``); listening when this returns."""
     node = config.node
     spool_dir = node.data_dir / "tmp"
     make_dir(spool_dir)
@@ -265,19 +349,37 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None]) -> 
     handlers = [
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_CONN_OPEN, _on_conn_open, [limits]),
-        (evt.EVT_CONN_CLOSE, _on_conn_close),
-        (evt.EVT_ESTABLISHED, _on_established),
-        (evt.EVT_REJECTED, _on_rejected, [config]),
+        (evt.EVT_CONN_CLOSE, _on_conn_close, [audit]),
+        (evt.EVT_REQUESTED, _on_requested, [config, audit]),
+        (evt.EVT_ESTABLISHED, _on_established, [audit]),
+        (evt.EVT_RELEASED, _audit_received, [audit]),
+        (evt.EVT_ABORTED, _audit_received, [audit]),
+        (evt.EVT_REJECTED, _on_rejected, [config, audit]),
         (evt.EVT_C_ECHO, _on_echo),
         (evt.EVT_C_STORE, _on_store, [store, on_queued]),
     ]
+    contexts = SharedContexts(ae.supported_contexts)
+    servers, tls_server, port = [], None, node.port
     try:
-        server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                 contexts=SharedContexts(ae.supported_contexts))
+        if node.port is not None:
+            servers.append(ae.start_server((node.host, node.port), block=False,
+                                           evt_handlers=handlers, contexts=contexts))
+        if node.tls is not None:
+            port = node.tls.port
+            t = node.tls
+            ctx = tls.server_context(t.cert_file, t.key_file, t.ca_file, t.require_client_cert)
+            tls_server = tls.start_tls_server(
+                ae, (node.host, t.port), ctx, node.acse_timeout_seconds,
+                lambda address, reason: _on_handshake_failed(address, reason, audit),
+                evt_handlers=handlers, contexts=contexts)
+            servers.append(tls_server)
     except OSError as exc:
+        for server in servers:
+            server.shutdown()
         conn.close()
+        key = "node.tls.port" if port != node.port else "node.port"
         raise GatewayError(
-            f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc} "
-            "(is another gateway running? change node.port)"
+            f"cannot listen on {node.host}:{port}: {exc.strerror or exc} "
+            f"(is another gateway running? change {key})"
         ) from None
-    return ReceiveServer(ae, server, store, config)
+    return ReceiveServer(ae, servers, store, config, tls_server)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+from datetime import datetime, timezone
+
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from gateway.config import Config, DestinationConfig
 from gateway.errors import RetryLater, UnknownDestination
+from gateway.dimse import tls
 from gateway.dimse.netutil import set_nodelay
 
 NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_nodelay)]
@@ -31,10 +36,36 @@ def make_ae(config: Config) -> AE:
     return ae
 
 
-def describe_failure(assoc, dest: DestinationConfig) -> str:
+def tls_args(dest: DestinationConfig):
+    """pynetdicom's ``tls_args`` for a destination with ``tls``: (context, name to verify), else None."""
+    t = dest.tls
+    if t is None:
+        return None
+    ctx = tls.client_context(t.ca_file, t.cert_file, t.key_file, t.check_hostname)
+    return ctx, t.server_name or dest.host
+
+
+def probe_tls(dest: DestinationConfig, timeout: float) -> tuple[dict | None, str | None]:
+    """Handshake with a TLS destination without sending DICOM: (its certificate, None) or (None, why not)."""
+    ctx, name = tls_args(dest)
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=name) as sock:
+                return sock.getpeercert(), None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            return None, "connection refused"
+        return None, tls.describe_ssl_error(exc)
+
+
+def describe_failure(assoc, dest: DestinationConfig, timeout: float = 10.0) -> str:
     """One sentence for an association that did not establish."""
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if not getattr(assoc, "gateway_connected", False):
+        if dest.tls is not None:
+            _, reason = probe_tls(dest, timeout)
+            if reason is not None:
+                return f"TLS handshake with {where} failed: {reason}"
         return f"cannot connect to {where} (connection refused or timed out)"
     if assoc.is_rejected:
         return f"association rejected by {where} (check the AE titles on both sides)"
@@ -43,16 +74,33 @@ def describe_failure(assoc, dest: DestinationConfig) -> str:
     return f"no association with {where} (timed out)"
 
 
-def echo(config: Config, name: str) -> None:
-    """C-ECHO the named destination; raise RetryLater with a reason when it does not answer Success."""
+def describe_peer_certificate(cert: dict | None, version: str | None) -> str:
+    """'TLSv1.3, peer certificate CN=...,O=... valid until 2027-01-31 12:00 UTC'."""
+    if not cert:
+        return f"{version or 'TLS'}, the peer sent no certificate"
+    until = datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), timezone.utc)
+    return (f"{version or 'TLS'}, peer certificate {tls.cert_subject(cert)} "
+            f"valid until {until:%Y-%m-%d %H:%M} UTC")
+
+
+def echo(config: Config, name: str) -> str | None:
+    """C-ECHO the named destination; raise RetryLater with a reason when it does not answer Success.
+
+    Returns what was learnt about the connection (the TLS peer certificate), or None.
+    """
     dest = destination(config, name)
     ae = make_ae(config)
     ae.add_requested_context(Verification)
     assoc = ae.associate(
-        dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=NODELAY_HANDLERS
+        dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=NODELAY_HANDLERS,
+        tls_args=tls_args(dest),
     )
     if not assoc.is_established:
-        raise RetryLater(describe_failure(assoc, dest))
+        raise RetryLater(describe_failure(assoc, dest, config.forward.connect_timeout_seconds))
+    detail = None
+    sock = assoc.dul.socket.socket
+    if tls.is_tls(sock):
+        detail = describe_peer_certificate(sock.getpeercert(), sock.version())
     try:
         status = assoc.send_c_echo()
     finally:
@@ -61,3 +109,4 @@ def echo(config: Config, name: str) -> None:
         raise RetryLater(f"no C-ECHO response from {dest.ae_title}@{dest.host}:{dest.port} (timed out)")
     if status.Status != 0x0000:
         raise RetryLater(f"C-ECHO to {name} answered status 0x{status.Status:04X}")
+    return detail

@@ -18,5 +18,5 @@ def echo(config: Config, name: str) -> str:
         finally:
             transport.close()
         return f"QIDO-RS: HTTP {status} from {dest.url}/studies?limit=1 (reachable, credentials accepted)"
-    scu.echo(config, name)
-    return "C-ECHO: Success"
+    detail = scu.echo(config, name)  # over TLS: the protocol and the peer's certificate
+    return "C-ECHO: Success" + (f" ({detail})" if detail else "")

@@ -36,6 +36,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.status import code_to_category
 
+from gateway import audit as audit_trail
 from gateway.storage import db, queue
 from gateway.dimse import scu
 from gateway.config import Config
@@ -151,8 +152,13 @@ class Sender:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        audit=audit_trail.NULL,
     ):
         self.config = config
+        self.audit = audit
+        self._tls_args = None  # built at the first association (loads the CA and key files)
+        self._batch_sent = audit_trail.Tally()
+        self._batch_failures: list[str] = []
         self.name = name
         self.dest = scu.destination(config, name)
         self._clock = clock
@@ -226,6 +232,7 @@ class Sender:
             conn, item.id, reason, self._clock(), self.config.retry.max_attempts,
             self._delay, permanent=permanent,
         ))
+        self._batch_failures.append(reason)
         attempt = item.attempts + 1  # as claimed; the row holds the exact count
         if permanent or attempt >= self.config.retry.max_attempts:
             log.error("failed SOP %s to %s for good after %d attempt(s): %s",
@@ -245,6 +252,9 @@ class Sender:
 
     def _sent(self, out: _Outcomes, item: queue.Item, status: int) -> None:
         out.add(lambda conn: queue.mark_sent(conn, item.id, self._clock(), item.claimed_at))
+        parts = Path(item.path).parts  # store/<study>/<series>/<sop>.dcm (store.instance_path)
+        if len(parts) >= 3:
+            self._batch_sent.add(parts[-3], parts[-2], 0)
         extra = "" if status == 0 else f" (warning 0x{status:04X})"
         log.info("sent SOP %s to %s%s", item.sop_instance_uid, self.name, extra)
 
@@ -263,10 +273,13 @@ class Sender:
     def _associate(self, plan: _Plan):
         if self._ae is None:
             self._ae = scu.make_ae(self.config)
+        if self.dest.tls is not None and self._tls_args is None:
+            self._tls_args = scu.tls_args(self.dest)
         contexts = [build_context(c[0], c[1:]) for c in plan.contexts.values()]
         assoc = self._ae.associate(
             self.dest.host, self.dest.port, contexts=contexts, ae_title=self.dest.ae_title,
             max_pdu=self.config.node.max_pdu_size, evt_handlers=scu.NODELAY_HANDLERS,
+            tls_args=self._tls_args,
         )
         if assoc.is_established:
             if not take_socket(assoc):
@@ -364,7 +377,8 @@ class Sender:
                 if assoc is None or not assoc.is_established:
                     assoc = self._associate(plan)
                     if not assoc.is_established:
-                        self._fail_all(out, todo, scu.describe_failure(assoc, self.dest))
+                        self._fail_all(out, todo, scu.describe_failure(
+                            assoc, self.dest, self.config.forward.connect_timeout_seconds))
                         todo = []
                         break
                 item = todo[0]
@@ -416,4 +430,28 @@ class Sender:
                     assoc.release()
             out.commit()
             self._release(todo)
+            self._audit_batch()
         return sent, bool(resolved or plan.overflow)
+
+    def _audit_batch(self) -> None:
+        """One DICOM Instances Transferred message per batch: what reached the destination, what failed."""
+        sent, failures = self._batch_sent, self._batch_failures
+        self._batch_sent, self._batch_failures = audit_trail.Tally(), []
+        if not sent.studies and not failures:
+            return
+        if not failures:
+            outcome, description = audit_trail.Outcome.SUCCESS, None
+        else:
+            outcome = audit_trail.Outcome.MINOR_FAILURE if sent.studies else audit_trail.Outcome.SERIOUS_FAILURE
+            description = f"{len(failures)} item(s) not delivered: {failures[-1]}"
+        self.audit.record(
+            audit_trail.INSTANCES_TRANSFERRED, outcome, action=audit_trail.READ, description=description,
+            participants=[
+                audit_trail.participant(self.config.calling_ae_title, requestor=True,
+                                        role=audit_trail.SOURCE_ROLE),
+                audit_trail.participant(self.dest.ae_title, requestor=False,
+                                        address=self.dest.host,
+                                        alternative=f"destination {self.name}",
+                                        role=audit_trail.DESTINATION_ROLE),
+            ],
+            objects=sent.objects())
