@@ -109,6 +109,8 @@ def _run_locked(config: Config, stop: threading.Event | None,
     series_triggers = (SeriesTriggers(config, on_fired=lambda: wake("webhooks"), crash_hook=crash_hook)
                        if config.triggers else None)
     webhooks = Webhooks(config) if any(t.webhook for t in config.triggers) else None
+    audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SUCCESS,
+                 type_codes=(audit_trail.APPLICATION_START,), participants=_app(config))
     try:
         server = receive.start_server(config, on_queued=wake_senders, audit=audit)
     except Exception:
@@ -127,6 +129,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
             web = http.start(config, deps)
         except BaseException:
             server.shutdown()
+            audit.close()
             raise
     ports = [f"{config.node.host}:{config.node.port}"] if config.node.port is not None else []
     if config.node.tls is not None:
@@ -136,8 +139,6 @@ def _run_locked(config: Config, stop: threading.Event | None,
         config.node.ae_title, ", ".join(ports), config.inbox.path,
         config.inbox.poll_interval_seconds, ", ".join(config.destinations) or "none",
     )
-    audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SUCCESS,
-                 type_codes=(audit_trail.APPLICATION_START,), participants=_app(config))
     now = datetime.now().astimezone()
     scheduler.add_job(poller.run_once, "interval", seconds=config.inbox.poll_interval_seconds,
                       id="inbox", next_run_time=now)

@@ -155,7 +155,7 @@ def _on_established(event, audit) -> None:
 def _on_handshake_failed(address: tuple, reason: str, audit) -> None:
     where = f"{address[0]}:{address[1]}"
     if reason == tls.CLOSED_DURING_HANDSHAKE:
-        log.info("TLS connection from %s closed before its handshake ended (a port probe?)", where)
+        log.debug("TLS connection from %s closed before its handshake ended (a port probe?)", where)
         return
     log.warning("rejected TLS connection from %s: %s", where, reason)
     audit.record(audit_trail.SECURITY_ALERT, audit_trail.Outcome.MINOR_FAILURE,

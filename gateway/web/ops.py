@@ -60,7 +60,7 @@ def _connect_host(host: str) -> str:
 
 def dicom_listeners(config) -> dict[str, tuple[str, int]]:
     """The DICOM ports this node listens on, by name (the TLS one when configured)."""
-    found = {"dicom": (config.node.host, config.node.port)}
+    found = {"dicom": (config.node.host, config.node.port)} if config.node.port is not None else {}
     tls = getattr(config.node, "tls", None)
     if tls is not None and getattr(tls, "port", None):
         found["dicom_tls"] = (getattr(tls, "host", None) or config.node.host, tls.port)
