@@ -24,6 +24,7 @@ from python_multipart.multipart import MultipartParser
 MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_PART_HEADERS = 16
 MAX_PARTS = 100_000
+MAX_BOUNDARY = 200
 SPOOL_PREFIX = "stow-"
 _QUIET = logging.getLogger("gateway.web.multipart.parser")
 _QUIET.setLevel(logging.CRITICAL)
@@ -61,8 +62,9 @@ def related_boundary(content_type: str | None, accepted_types: tuple[str, ...]) 
     boundary = params.get("boundary")
     if not boundary:
         raise MalformedBody("the Content-Type has no boundary parameter")
-    if len(boundary) > 70 or not boundary.isascii():
-        raise MalformedBody("the boundary parameter is longer than 70 characters or not ASCII (RFC 2046)")
+    # RFC 2046 says at most 70 characters; Orthanc's DICOMweb plugin sends 74, so allow some slack.
+    if len(boundary) > MAX_BOUNDARY or not boundary.isascii() or not boundary.isprintable():
+        raise MalformedBody(f"the boundary parameter is longer than {MAX_BOUNDARY} characters or not printable ASCII")
     return boundary
 
 
