@@ -7,7 +7,11 @@ the three are measured alike; the gateway's own pass time (queue claim to last o
 committed, what a running daemon pays) is shown as well. Prints median instances/s and MB/s
 and the ratios gateway/pynetdicom-storescu and gateway/DCMTK-storescu.
 
-    python3 bench/forward.py [--instances 200] [--rounds 3] [--size 512] [--orthanc]
+    python3 bench/forward.py [--instances 200] [--rounds 3] [--size 512] [--orthanc] [--dicomweb | --dicomweb-only]
+
+``--dicomweb`` adds the STOW-RS case (``bench/dicomweb_case.py``): the same corpus to Orthanc's
+DICOMweb plugin from the gateway's queue, from dicomweb-client (50 per call) and from a second
+Orthanc's own STOW-RS client, with peak memory and the gateway's memory per request size.
 
 Not a test: nothing here asserts a time. Run it on an otherwise idle machine.
 """
@@ -176,11 +180,24 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_pass":
         gateway_pass(sys.argv[2], sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] in ("_dwpass", "_dwclient"):
+        sys.path.insert(0, str(REPO / "bench"))
+        import dicomweb_case
+
+        if sys.argv[1] == "_dwpass":
+            dicomweb_case.gateway_pass(sys.argv[2], sys.argv[3])
+        else:
+            dicomweb_case.client_store(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=512, help="rows and columns of each slice")
     parser.add_argument("--orthanc", action="store_true", help="also send to Orthanc")
+    parser.add_argument("--dicomweb", action="store_true",
+                        help="also the DICOMweb case: STOW-RS to Orthanc's DICOMweb plugin from the gateway's "
+                        "queue, dicomweb-client (50 per call) and Orthanc's own STOW-RS client")
+    parser.add_argument("--dicomweb-only", action="store_true", help="only the DICOMweb case")
     args = parser.parse_args()
 
     import yaml
@@ -194,6 +211,12 @@ def main() -> None:
     try:
         files = make_ct_series(folder / "corpus", args.instances, args.size, args.size)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
+        if args.dicomweb or args.dicomweb_only:
+            sys.path.insert(0, str(REPO / "bench"))
+            import dicomweb_case
+        if args.dicomweb_only:
+            dicomweb_case.run(args, folder, files, ENV, __file__)
+            return
         targets.append(Storescp(folder))
         if args.orthanc:
             targets.append(Orthanc(folder))
@@ -235,6 +258,8 @@ def main() -> None:
             print(f"  ratio gateway/pynetdicom-storescu: {med['pynetdicom-storescu'] / med['gateway']:.2f}x")
             print(f"  ratio gateway/dcmtk-storescu:      {med['dcmtk-storescu'] / med['gateway']:.2f}x")
             print(f"  ratio gateway pass/dcmtk-storescu: {med['dcmtk-storescu'] / gp:.2f}x\n")
+        if args.dicomweb:
+            dicomweb_case.run(args, folder, files, ENV, __file__)
     finally:
         for t in targets:
             t.stop()
