@@ -33,7 +33,7 @@ def _sender(config: Config, name: str, audit):
     if config.destinations[name].type == "dicomweb":
         from gateway.forward.dicomweb_sender import DicomwebSender
 
-        return DicomwebSender(config, name)
+        return DicomwebSender(config, name, audit=audit)
     from gateway.forward import sender as forward
 
     return forward.Sender(config, name, audit=audit)

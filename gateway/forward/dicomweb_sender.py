@@ -13,6 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway import audit as audit_trail
 from gateway.config import Config, DicomwebDestinationConfig
 from gateway.forward.dicomweb import DicomwebTransport, parts_for
 from gateway.forward.stowrs import Outcome, Verdict
@@ -32,12 +36,16 @@ class DicomwebSender:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         transport: DicomwebTransport | None = None,
+        audit=audit_trail.NULL,
     ):
         dest = config.destinations[name]
         assert isinstance(dest, DicomwebDestinationConfig)
         self.config = config
         self.name = name
         self.dest = dest
+        self.audit = audit
+        self._batch_sent = audit_trail.Tally()
+        self._batch_failures: list[str] = []
         self._clock = clock
         self._rand = rand
         self._stopping = threading.Event()
@@ -109,7 +117,11 @@ class DicomwebSender:
                 if outcome.verdict is Verdict.SENT:
                     queue.mark_sent(conn, item.id, now, item.claimed_at)
                     sent += 1
+                    parts = Path(item.path).parts  # store/<study>/<series>/<sop>.dcm
+                    if len(parts) >= 3:
+                        self._batch_sent.add(parts[-3], parts[-2], 0)
                     continue
+                self._batch_failures.append(outcome.reason or "unknown")
                 wait = outcome.retry_after
                 queue.mark_attempt_failed(
                     conn, item.id, outcome.reason or "unknown", now, self.config.retry.max_attempts,
@@ -164,4 +176,28 @@ class DicomwebSender:
                 resolved += sum(1 for _, outcome in results if outcome.verdict is not Verdict.RETRY)
         finally:
             self._release([by_id[p.item_id] for p in parts if p.item_id not in done])
+            self._audit_batch()
         return sent, bool(resolved)
+
+    def _audit_batch(self) -> None:
+        """One DICOM Instances Transferred message per batch, as the DIMSE sender writes."""
+        sent, failures = self._batch_sent, self._batch_failures
+        self._batch_sent, self._batch_failures = audit_trail.Tally(), []
+        if not sent.studies and not failures:
+            return
+        if not failures:
+            outcome, description = audit_trail.Outcome.SUCCESS, None
+        else:
+            outcome = audit_trail.Outcome.MINOR_FAILURE if sent.studies else audit_trail.Outcome.SERIOUS_FAILURE
+            description = f"{len(failures)} item(s) not delivered: {failures[-1]}"
+        self.audit.record(
+            audit_trail.INSTANCES_TRANSFERRED, outcome, action=audit_trail.READ, description=description,
+            participants=[
+                audit_trail.participant(self.config.calling_ae_title, requestor=True,
+                                        role=audit_trail.SOURCE_ROLE),
+                audit_trail.participant(self.dest.url, requestor=False,
+                                        address=urlsplit(self.dest.url).hostname,
+                                        alternative=f"destination {self.name}",
+                                        role=audit_trail.DESTINATION_ROLE),
+            ],
+            objects=sent.objects())

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import yaml
 
+from gateway import audit as audit_trail
 from gateway import config as config_mod
 from gateway.forward.dicomweb_sender import DicomwebSender
 from gateway.storage import db, queue, sendfiles
@@ -146,6 +147,14 @@ def test_received_series_and_inbox_result_reach_orthanc_byte_identical(
     log = gw.log()
     assert log.count("sent SOP") == 7
     assert PASSWORD not in log
+    assert gw.stop() == 0
+    transfers = [e for e in audit_trail.read(folder / "var" / "audit.jsonl")
+                 if e["EventIdentification"]["EventID"]["csd-code"] == "110104"
+                 and e["ActiveParticipant"][1]["UserID"] == orthanc.dicomweb_url]
+    assert transfers and all(e["EventIdentification"]["EventOutcomeIndicator"] == 0 for e in transfers)
+    assert transfers[0]["ActiveParticipant"][1]["AlternativeUserID"] == "destination cloud"
+    assert sum(o["ParticipantObjectDescription"]["NumberOfInstances"]
+               for e in transfers for o in e["ParticipantObjectIdentification"]) == 7
 
 
 def test_wrong_password_fails_for_good_with_the_servers_reason(tmp_path, orthanc_web, ct_series,
