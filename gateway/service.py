@@ -126,6 +126,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
         try:
             deps = http.deps_for(config, on_queued=wake_senders)
             deps.extras["metrics"] = metrics
+            deps.extras["audit"] = audit
             web = http.start(config, deps)
         except BaseException:
             server.shutdown()

@@ -98,6 +98,9 @@ def create_app(config: Config, deps: Deps | None = None, routers: bool = True) -
 
     from gateway.web.ops import RequestMetrics
 
+    from gateway.web.audit_requests import AuditRequests
+
+    app.add_middleware(AuditRequests, deps=deps)  # DICOMweb requests into the audit trail, if any
     app.add_middleware(RequestMetrics)  # inside LimitsAndLog: its 413/408 answers are logged, not counted
     app.add_middleware(LimitsAndLog, max_request_bytes=config.http.max_request_bytes,
                        read_timeout=config.http.read_timeout_seconds)

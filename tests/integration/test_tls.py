@@ -262,3 +262,72 @@ def test_echo_explains_expired_and_no_shared_protocol(gateway_factory, dcmtk, pk
     finally:
         stop_process(exp)
         stop_process(old)
+
+
+def test_dicomweb_requests_in_the_audit_trail(gateway_factory, ct_series):
+    """STOW-RS, QIDO-RS, WADO-RS and a refused token: one message each, with identity and status."""
+    import httpx
+    import pydicom
+
+    from tests.integration.web_node import READER_TOKEN, WRITER_TOKEN, auth_section, bearer, hashes
+
+    gw = gateway_factory(http={"auth": auth_section(hashes())})
+    files = ct_series(2, rows=64, columns=64)
+    ds = pydicom.dcmread(files[0])
+    study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    boundary = "b0undary"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
+                    for f in files) + f"--{boundary}--\r\n".encode()
+    base = gw.http_url + "/dicom-web"
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{base}/studies", content=body, headers={
+            **bearer(WRITER_TOKEN),
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert r.status_code == 200, r.text
+        r = http.get(f"{base}/studies", params={"PatientID": "X*"}, headers=bearer(READER_TOKEN))
+        assert r.status_code in (200, 204)
+        r = http.get(f"{base}/studies/{study}/series/{series}/metadata", headers=bearer(READER_TOKEN))
+        assert r.status_code == 200
+        r = http.get(f"{base}/studies", headers=bearer("not-a-token-at-all-000"))
+        assert r.status_code == 401
+    assert gw.stop() == 0
+    web = [e for e in _audit_events(gw) if "EventOutcomeDescription" in e["EventIdentification"]
+           and " /dicom-web/" in e["EventIdentification"]["EventOutcomeDescription"]]
+    summary = [(_code(e), e["EventIdentification"]["EventActionCode"],
+                e["EventIdentification"]["EventOutcomeIndicator"], e["ActiveParticipant"][0]["UserID"])
+               for e in web]
+    assert summary == [("110104", "C", 0, "token:writer"), ("110112", "E", 0, "token:reader"),
+                       ("110104", "R", 0, "token:reader"), ("110114", "E", 4, "-")], summary
+    query = web[1]["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
+    assert query == "/dicom-web/studies?PatientID=X%2A"
+    retrieved = web[2]["ParticipantObjectIdentification"][0]
+    assert retrieved["ParticipantObjectID"] == study
+    assert retrieved["ParticipantObjectDescription"]["SeriesInstanceUID"] == series
+    assert all(p["NetworkAccessPointID"] == "127.0.0.1" for e in web for p in e["ActiveParticipant"][:1])
+    text = (gw.config_path.parent / "var" / "audit.jsonl").read_text()
+    assert WRITER_TOKEN not in text and READER_TOKEN not in text
+
+
+def test_warnings_in_check_config_and_status(gateway_factory, pki):
+    """An open listener and a certificate expiring within 30 days: in check-config and status."""
+    soon = pki["ca"].issue("soon.test", days=12)
+    gw = gateway_factory(start=False, node={"host": "0.0.0.0", "tls": {
+        "port": free_port(), "cert_file": str(soon.cert), "key_file": str(soon.key),
+        "require_client_cert": False}})
+    r = gw.cli("check-config")
+    assert r.returncode == 0, r.stderr
+    assert "warning: node.tls.cert_file: the certificate O=Gateway Tests,CN=soon.test expires on" in r.stderr
+    assert "warning: node.host is 0.0.0.0 and neither security.allowed_calling_aets nor security.peers" in r.stderr
+    report = json.loads(gw.cli("status", "--json").stdout)
+    assert len(report["warnings"]) == 2 and "(in 11 day(s))" in report["warnings"][0]
+    assert "WARNING  node.host is 0.0.0.0" in gw.cli("status").stdout
+    expired = pki["ca"].issue("gone.test", days=-2, not_before_days=-20)
+    bad = gateway_factory(start=False, node={"tls": {
+        "port": free_port(), "cert_file": str(expired.cert), "key_file": str(pki["gateway"].key),
+        "require_client_cert": True}})
+    r = bad.cli("check-config")
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("node.tls.cert_file: the certificate expired on ")
+    assert lines[1].startswith("node.tls.key_file: does not match the certificate in cert_file")
+    assert lines[2].startswith("node.tls.require_client_cert: needs node.tls.ca_file")
