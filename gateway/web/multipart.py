@@ -158,7 +158,7 @@ class RelatedParser:
         part = self._current
         part.path = self.spool_dir / f"{SPOOL_PREFIX}{secrets.token_hex(8)}.part"
         try:
-            self._file = open(part.path, "xb")
+            self._file = os.fdopen(os.open(part.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         except OSError as exc:
             part.path = None
             self._fail_part(exc)
