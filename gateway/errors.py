@@ -32,6 +32,10 @@ class InvalidUID(GiveUp):
     """A UID is missing or not a valid DICOM UID."""
 
 
+class UnreadableHeader(GiveUp):
+    """A file is not a DICOM Part 10 file, or its file meta cannot be used."""
+
+
 class StorageFull(RetryLater):
     """The store is below its free-space floor or the disk is full."""
 

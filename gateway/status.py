@@ -6,7 +6,7 @@ add keys freely, never rename or remove one.
 
 from __future__ import annotations
 
-from gateway.storage import db, index, queue
+from gateway.storage import db, index, jobs, queue
 from gateway.storage import series as series_rows
 from gateway.config import Config
 
@@ -26,7 +26,7 @@ def collect(config: Config, now: float) -> dict:
     conn = db.connect_readonly(config.db_path)
     empty_store = {"studies": 0, "series": 0, "instances": 0, "bytes": 0, "derived": 0}
     if conn is None:
-        store, jobs, failures = empty_store, {"waiting": 0, "done": 0, "failed": 0}, []
+        store, inbox_jobs, failures = empty_store, {"waiting": 0, "done": 0, "failed": 0}, []
         dests = {
             name: {**{s.value: 0 for s in queue.State}, "oldest_pending_age_seconds": None,
                    "next_attempt_in_seconds": None, "last_error": None}
@@ -37,8 +37,8 @@ def collect(config: Config, now: float) -> dict:
     else:
         try:
             store = index.store_counts(conn)
-            jobs = index.job_counts(conn)
-            failures = index.recent_failed_jobs(conn)
+            inbox_jobs = jobs.counts(conn)
+            failures = jobs.recent_failed(conn)
             dests = queue.destination_status(conn, config.destinations, now)
             rules = series_rows.rule_match_counts(conn, [r.name for r in config.routes.rules])
             triggers = series_rows.trigger_status(conn, [t.name for t in config.triggers], now)
@@ -57,7 +57,7 @@ def collect(config: Config, now: float) -> dict:
                  "data_dir": str(config.node.data_dir)},
         "warnings": security_warnings(config),
         "store": store,
-        "inbox": {**jobs, "recent_failures": failures},
+        "inbox": {**inbox_jobs, "recent_failures": failures},
         "destinations": dests,
         "queue_totals": totals,
         "rules": rules,

@@ -5,11 +5,11 @@ costs about a millisecond per message: as much as sending a 512 KiB image (forwa
 ~15-20% of a small C-STORE's CPU on the receiving side. The messages these paths send have
 a fixed shape, so they are written here directly; the callers hand anything unusual to
 pynetdicom's own path. tests/unit/test_dimse.py compares each encoder byte for byte with
-pynetdicom/pydicom and the head reader with pydicom on pydicom's sample files.
+pynetdicom/pydicom.
 
 Here: element encoding and UID padding, the C-STORE-RQ and C-STORE-RSP command sets, the
-Part 10 file meta group pynetdicom writes, command-set and P-DATA-TF parsing, and reading
-the four identifying UIDs from the first bytes of a Part 10 file.
+Part 10 file meta group pynetdicom writes, command-set and P-DATA-TF parsing. (Reading a
+Part 10 file's header is ``storage.header``.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 # --------------------------------------------------------------------------- encoding
@@ -126,113 +125,3 @@ def command_fields(command: bytes) -> dict[int, bytes]:
         fields[elem] = command[pos:pos + length]
         pos += length
     return fields
-
-
-# --------------------------------------------------------------------------- the head of a Part 10 file
-
-#: How many leading bytes of a file ``uids_from_head`` wants: the UIDs are near the start of
-#: any sane data set.
-HEAD_BYTES = 64 * 1024
-#: Series Instance UID: the last of the UIDs we read; a data set is read up to here, no further.
-LAST_UID_TAG = 0x0020000E
-_META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, value length 4
-
-_WANTED = {
-    0x00080016: "SOPClassUID",
-    0x00080018: "SOPInstanceUID",
-    0x0020000D: "StudyInstanceUID",
-    0x0020000E: "SeriesInstanceUID",
-}
-#: The keywords of the UIDs ``uids_from_head`` returns.
-UID_KEYWORDS = tuple(_WANTED.values())
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-class NeedFile(Exception):
-    """The in-memory head is not enough (or too unusual): parse the file with pydicom."""
-
-
-def dataset_start(head: bytes) -> int | None:
-    """Where the data set starts in a Part 10 file whose first bytes are ``head``.
-
-    Read from the File Meta Information Group Length that pynetdicom's and our own files
-    carry; None when it is not there as expected (let a full parser decide).
-    """
-    if len(head) >= 144 and head[128:132] == b"DICM" and head[132:140] == _META_GROUP_LENGTH:
-        return 144 + int.from_bytes(head[140:144], "little")
-    return None
-
-
-def _element_at(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR, value length, header length) of the element at ``pos`` (little endian)."""
-    if pos + 8 > len(buf):
-        raise NeedFile
-    tag = (int.from_bytes(buf[pos:pos + 2], "little") << 16) | int.from_bytes(buf[pos + 2:pos + 4], "little")
-    if not explicit or tag >> 16 == 0xFFFE:
-        return tag, None, int.from_bytes(buf[pos + 4:pos + 8], "little"), 8
-    vr = bytes(buf[pos + 4:pos + 6])
-    if vr in _LONG_VRS:
-        if pos + 12 > len(buf):
-            raise NeedFile
-        return tag, vr, int.from_bytes(buf[pos + 8:pos + 12], "little"), 12
-    return tag, vr, int.from_bytes(buf[pos + 6:pos + 8], "little"), 8
-
-
-def _skip_sequence(buf: bytes, pos: int, explicit: bool) -> int:
-    """Position after an undefined-length sequence whose items start at ``pos``."""
-    while True:
-        tag, _, length, _ = _element_at(buf, pos, explicit)
-        pos += 8
-        if tag == _SEQ_END:
-            return pos
-        if tag != _ITEM:
-            raise NeedFile
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an undefined-length item: its elements, up to the item delimiter
-            tag, vr, length, header = _element_at(buf, pos, explicit)
-            if tag == _ITEM_END:
-                pos += 8
-                break
-            pos += header
-            if length == _UNDEFINED:
-                if explicit and vr != b"SQ":
-                    raise NeedFile  # UN of undefined length: leave it to pydicom
-                pos = _skip_sequence(buf, pos, explicit)
-            else:
-                pos += length
-
-
-def uids_from_head(head: bytes, transfer_syntax: str) -> dict[str, str | None]:
-    """The four UIDs (``UID_KEYWORDS``) from the first ``HEAD_BYTES`` of a Part 10 file.
-
-    Handles the little endian transfer syntaxes (every compressed one included); raises
-    ``NeedFile`` for big endian, deflate, or when the UIDs are not within ``head``.
-    """
-    if transfer_syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
-        raise NeedFile
-    pos = dataset_start(head)
-    if pos is None:
-        raise NeedFile
-    explicit = transfer_syntax != ImplicitVRLittleEndian
-    found: dict[str, str | None] = dict.fromkeys(UID_KEYWORDS)
-    while True:
-        if pos == len(head) and len(head) < HEAD_BYTES:
-            return found  # the whole (short) data set was read
-        tag, vr, length, header = _element_at(head, pos, explicit)
-        if tag > LAST_UID_TAG:
-            return found
-        pos += header
-        if length == _UNDEFINED:
-            if explicit and vr != b"SQ":
-                raise NeedFile
-            pos = _skip_sequence(head, pos, explicit)
-            continue
-        if tag in _WANTED:
-            if pos + length > len(head):
-                raise NeedFile
-            found[_WANTED[tag]] = bytes(head[pos:pos + length]).decode("latin-1").rstrip("\x00 ")
-        pos += length

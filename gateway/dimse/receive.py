@@ -1,14 +1,14 @@
 """The receiving AE: C-ECHO and C-STORE, the AE-title policy and the per-association limits.
 
-Handlers stay thin: a C-STORE handler hands the spooled bytes to ``store.Store`` and maps
-its ``Outcome`` to a DIMSE status; nothing here knows about paths or rows. Dependencies are
+Handlers stay thin: a C-STORE handler hands the spooled file to ``store.Store.ingest`` and
+maps its ``Outcome`` to a DIMSE status; nothing here knows about paths or rows. Dependencies are
 bound to the handlers through pynetdicom's ``evt_handlers`` arguments, never module state.
 
 Instances are streamed to disk while they arrive (pynetdicom's chunked receive): each
 C-STORE data set goes into a spool file (``spool``), then is renamed into the store, so
 memory per association is bounded by one PDU whatever the instance's size. The handler
-reads the UIDs from the spool file's first bytes (``dimse.uids_from_head``), with pydicom
-as the fallback. pynetdicom itself is tuned per association at EVT_CONN_OPEN and
+hands the spool file's first bytes (kept in memory) to ``store.ingest`` with the file, so
+its header costs no read. pynetdicom itself is tuned per association at EVT_CONN_OPEN and
 process-wide at start; ``dimse.fastpath`` says what each tuning replaces and why.
 """
 
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -36,13 +35,22 @@ from gateway.storage import db
 from gateway.storage.datadir import make_dir
 from gateway.config import Config
 from gateway.dimse import peers, tls
-from gateway.dimse.codec import LAST_UID_TAG, UID_KEYWORDS, NeedFile, uids_from_head
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
 from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.dimse.spool import Spooler, clean_spool
-from gateway.storage.store import Incoming, Outcome, Result, Store
+from gateway.storage.store import (
+    Arrival,
+    Expected,
+    Outcome,
+    Result,
+    Source,
+    Store,
+    default_router,
+    discard,
+    tmp_dir,
+)
 
 log = logging.getLogger("gateway.receive")
 
@@ -51,6 +59,7 @@ STATUS = {
     Outcome.STORED: 0x0000,  # Success
     Outcome.INVALID: 0xC000,  # Error: Cannot understand (bad or mismatched UIDs)
     Outcome.UNREADABLE: 0xC000,  # Error: Cannot understand (not a parsable data set)
+    Outcome.WRONG_STUDY: 0xC000,  # (STOW-RS only: C-STORE names no study)
     Outcome.NO_SPACE: 0xA700,  # Refused: Out of Resources (peer may retry later)
     Outcome.FAILED: 0xA700,  # Refused: Out of Resources (local I/O or database failure)
 }
@@ -185,14 +194,6 @@ def _on_echo(event) -> int:
     return 0x0000
 
 
-def _read_uids(path: Path) -> Dataset:
-    """The data set's top-level elements up to Series Instance UID (pixel data is never read)."""
-    with open(path, "rb") as f:
-        return read_partial(
-            f, stop_when=lambda tag, vr, length: tag > LAST_UID_TAG, defer_size=4096
-        )
-
-
 def _status(result: Result) -> Dataset:
     rsp = Dataset()
     rsp.Status = STATUS[result.outcome]
@@ -202,49 +203,33 @@ def _status(result: Result) -> Dataset:
 
 
 def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -> Dataset:
-    """Spooled data set -> store.add_spooled -> DIMSE status; log one line either way."""
+    """Spooled data set -> store.ingest -> DIMSE status; log one line either way."""
     assoc = event.assoc
     req = event.request
     calling = str(assoc.requestor.ae_title).strip()
     req_sop = str(req.AffectedSOPInstanceUID or "")
-    path = event.dataset_path
+    path = Path(event.dataset_path)
     spool = assoc.gateway_spooler.take(path)
-    result = None
+    head = None
     if spool is not None:
         spool.finish()
-        if spool.problem:
-            result = Result(Outcome.NO_SPACE, spool.problem, None)
-    if result is None:
-        transfer_syntax = str(event.context.transfer_syntax)
-        try:
-            try:
-                if spool is None:
-                    raise NeedFile
-                uids = uids_from_head(spool.head, transfer_syntax)
-            except NeedFile:
-                ds = _read_uids(path)
-                uids = {name: ds.get(name) for name in UID_KEYWORDS}
-            item = Incoming(
-                spool_path=Path(path),
-                request_sop_instance_uid=req_sop,
-                request_sop_class_uid=str(req.AffectedSOPClassUID or ""),
-                transfer_syntax=transfer_syntax,
-                calling_ae=calling,
-                study_uid=uids["StudyInstanceUID"],
-                series_uid=uids["SeriesInstanceUID"],
-                sop_instance_uid=uids["SOPInstanceUID"],
-                sop_class_uid=uids["SOPClassUID"],
-            )
-        except Exception as exc:  # pydicom raises many types on malformed data
-            result = Result(Outcome.UNREADABLE, f"cannot parse the data set: {exc}"[:200], None)
-        else:
-            result = store.add_spooled(item)
+        head = spool.head
+    if spool is not None and spool.problem:
+        discard(path)
+        result = Result(Outcome.NO_SPACE, spool.problem)
+    else:
+        arrival = Arrival(
+            Source.DIMSE, calling_ae=calling, called_ae=str(assoc.acceptor.ae_title).strip(),
+            peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+        )
+        expected = Expected(sop_instance_uid=req_sop, sop_class_uid=str(req.AffectedSOPClassUID or ""))
+        result = store.ingest(path, arrival, expected, head=head)
     if result.outcome is Outcome.STORED:
         if spool is not None:
             spool.placed()
         log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
                  result.size)
-        assoc.gateway_tally.add(str(item.study_uid), str(item.series_uid), result.size or 0)
+        assoc.gateway_tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))
             on_queued(result.queued_for)
@@ -317,16 +302,14 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
                  audit=audit_trail.NULL) -> ReceiveServer:
     """Start the SCP on ``node.host:node.port`` (and ``node.tls.port``); listening when this returns."""
     node = config.node
-    spool_dir = node.data_dir / "tmp"
+    spool_dir = tmp_dir(node.data_dir)
     make_dir(spool_dir)
     clean_spool(spool_dir)
     make_dir(config.store_dir)
     conn = db.connect(config.db_path)
     store = Store(
-        data_dir=node.data_dir,
-        store_dir=config.store_dir,
-        conn=conn,
-        routes=config.routes.received,
+        node.data_dir, config.store_dir, conn,
+        router=default_router(config.routes.received, config.routes.results),
         min_free_bytes=config.storage.min_free_bytes,
     )
     enable_spooling()

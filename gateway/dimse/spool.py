@@ -15,8 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.dimse.codec import HEAD_BYTES
-from gateway.storage.store import free_bytes
+from gateway.storage.files import free_bytes
+from gateway.storage.header import HEAD_BYTES
 
 _FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 _SPOOL_BUFFER = 1024 * 1024

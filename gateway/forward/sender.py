@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -33,7 +32,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, build_context
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import encode
 from pynetdicom.status import code_to_category
 
 from gateway import audit as audit_trail
@@ -41,7 +40,8 @@ from gateway.storage import db, queue
 from gateway.dimse import scu
 from gateway.config import Config
 from gateway.logsafe import wire
-from gateway.dimse.codec import dataset_start, store_request_bytes
+from gateway.dimse.codec import store_request_bytes
+from gateway.storage.header import read_header
 from gateway.dimse.fastpath import PeerGone, give_back_socket, read_response, take_socket, write_message
 
 log = logging.getLogger("gateway.forward")
@@ -100,16 +100,6 @@ def plan_contexts(items: list[queue.Item], limit: int = MAX_CONTEXTS) -> _Plan:
             plan.contexts["|".join([abstract, *syntaxes])] = [abstract, *syntaxes]
         plan.items.append(item)
     return plan
-
-
-def dataset_offset(f: BinaryIO, path: Path) -> int:
-    """Where the data set starts in a Part 10 file: after preamble, 'DICM' and the meta group.
-
-    Read from the File Meta Information Group Length our own files always carry; anything
-    else goes through pynetdicom's full meta parser.
-    """
-    start = dataset_start(f.read(144))
-    return split_dataset(path)[1] if start is None else start
 
 
 class _Outcomes:
@@ -329,7 +319,9 @@ class Sender:
                 write_message(assoc, cx.context_id, command, source, len(data))
         else:
             with open(path, "rb") as source:
-                offset = dataset_offset(source, path)
+                offset = item.dataset_offset
+                if offset is None:  # stored by the first release: no offset in the index
+                    offset = read_header(path).dataset_offset
                 length = source.seek(0, 2) - offset
                 source.seek(offset)
                 write_message(assoc, cx.context_id, command, source, length)

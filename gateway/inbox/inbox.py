@@ -19,7 +19,6 @@ so the integration tests can prove the exactly-once promise. Never set it in pro
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import os
@@ -35,17 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import numpy.lib.format as npformat
-import pydicom
 import yaml
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from gateway.storage import db, index, queue, store
+from gateway.storage import db, files, index, jobs
 from gateway.storage.datadir import make_dir, restrict
+from gateway.storage.header import read_header
+from gateway.storage.jobs import JobState
+from gateway.storage.store import Arrival, Outcome, Source, Store, default_router
 from gateway.derive import derive
 from gateway.inbox import sidecar
 from gateway.config import Config
-from gateway.errors import GiveUp, JobError, RetryLater
+from gateway.errors import GiveUp, JobError, RetryLater, StorageFull, UnreadableHeader
 
 log = logging.getLogger("gateway.inbox")
 
@@ -56,12 +56,6 @@ CRASH_ENV = "GATEWAY_TEST_CRASH_AT"
 CRASH_POINTS = ("before_encode", "after_store", "after_commit", "before_move")
 #: Bytes read from the start of a file to tell what it is (npy magic / zip header).
 _MAX_SIDECAR_READ = sidecar.MAX_SIDECAR_BYTES + 1
-
-
-class JobState(str, enum.Enum):
-    WAITING = "waiting"  # seen, not finished: running now, or its source series has not arrived
-    DONE = "done"  # derived object stored, indexed and queued; files in done/
-    FAILED = "failed"  # bad job; files and NAME.error.txt in failed/
 
 
 # --------------------------------------------------------------------------- reading job files
@@ -211,6 +205,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self._conn: sqlite3.Connection | None = None
+        self._store: Store | None = None
         self._waiting_logged: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -221,6 +216,18 @@ class Inbox:
             make_dir(self.config.node.data_dir)
             self._conn = db.connect(self.config.db_path)
         return self._conn
+
+    @property
+    def store(self) -> Store:
+        """The one ingest path, over this inbox's connection (same thread, same transactions)."""
+        if self._store is None or self._store.conn is not self.conn:
+            self._store = Store(
+                self.config.node.data_dir, self.config.store_dir, self.conn,
+                router=default_router(self.config.routes.received, self.config.routes.results),
+                min_free_bytes=self.config.storage.min_free_bytes, clock=self.clock,
+                checkpoint=lambda name: self._crash_point("after_store") if name == "placed" else None,
+            )
+        return self._store
 
     def stop(self) -> None:
         """Finish the job in hand, start no other."""
@@ -290,15 +297,11 @@ class Inbox:
 
     def _forget_vanished(self, present: set[str]) -> None:
         """Waiting jobs whose sidecar was taken away are no longer jobs: drop their rows."""
-        rows = self.conn.execute("SELECT name FROM jobs WHERE state = ?", (JobState.WAITING.value,))
-        gone = [row["name"] for row in rows if row["name"] not in present]
+        gone = [name for name in jobs.waiting_names(self.conn) if name not in present]
         if not gone:
             return
         with db.transaction(self.conn):
-            self.conn.executemany(
-                "DELETE FROM jobs WHERE name = ? AND state = ?",
-                [(name, JobState.WAITING.value) for name in gone],
-            )
+            jobs.forget_waiting(self.conn, gone)
         for name in gone:
             self._waiting_logged.discard(name)
             log.info("job %s was removed from the inbox before it ran; forgotten", name)
@@ -306,7 +309,7 @@ class Inbox:
     # ------------------------------------------------------------------ one job
 
     def _job_row(self, name: str) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return jobs.get(self.conn, name)
 
     def _dropped_after(self, job: JobFiles, when: float | None) -> bool:
         """True when the job's files were (re)written after ``when``: a new job, not leftovers."""
@@ -334,15 +337,12 @@ class Inbox:
                 self._move(job, self.failed_dir, error=row["error"])
                 return 1
             with db.transaction(self.conn):  # dropped again (fixed?): a fresh attempt
-                self.conn.execute("DELETE FROM jobs WHERE name = ?", (job.name,))
+                jobs.delete(self.conn, job.name)
             row = None
         now = self.clock()
         if row is None:
             with db.transaction(self.conn):
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO jobs (name, state, first_seen_at) VALUES (?, ?, ?)",
-                    (job.name, JobState.WAITING.value, now),
-                )
+                jobs.add_waiting(self.conn, job.name, now)
             row = self._job_row(job.name)
             log.info("job %s seen in the inbox", job.name)
         try:
@@ -411,8 +411,8 @@ class Inbox:
         for r in rows:
             path = index.absolute_path(self.config.node.data_dir, r)
             try:
-                datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
-            except (OSError, InvalidDicomError) as exc:
+                datasets.append(read_header(path).dataset)
+            except (OSError, UnreadableHeader) as exc:
                 raise JobError(
                     f"the source instance {r['sop_instance_uid']} cannot be read from the store "
                     f"({exc}); send the source series again"
@@ -445,38 +445,14 @@ class Inbox:
         )
         result = derive.derive(sources, arr, spec, opts)
         del arr
-        ds = result.dataset
-        path = store.instance_path(
-            self.config.store_dir, result.study_instance_uid, result.series_instance_uid,
-            result.sop_instance_uid,
-        )
-        store.check_free_space(self.config.store_dir, self.config.storage.min_free_bytes)
-        size = store.write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
-        self._crash_point("after_store")
-        destinations = tuple(self.config.routes.results)
-        finished = self.clock()
-        record = index.InstanceRecord(
-            sop_instance_uid=result.sop_instance_uid,
-            sop_class_uid=result.sop_class_uid,
-            study_uid=result.study_instance_uid,
-            series_uid=result.series_instance_uid,
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path.relative_to(self.config.node.data_dir)),
-            size=size,
-            calling_ae=None,
-            origin="derived",
-            received_at=finished,
-            job=job.name,
-        )
-        with db.transaction(self.conn):
-            index.record_instance(self.conn, record)
-            self.conn.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, sop_instance_uid = ?, series_uid = ?, "
-                "error = NULL WHERE name = ?",
-                (JobState.DONE.value, finished, result.sop_instance_uid,
-                 result.series_instance_uid, job.name),
-            )
-            queue.enqueue(self.conn, destinations, result.sop_instance_uid, finished)
+        stored = self.store.ingest_dataset(result.dataset, Arrival(Source.DERIVED, job=job.name))
+        if stored.outcome is Outcome.NO_SPACE:
+            raise StorageFull(stored.reason)
+        if stored.outcome is Outcome.FAILED:
+            raise RetryLater(stored.reason)
+        if stored.outcome is not Outcome.STORED:
+            raise JobError(f"the store refused the derived object: {stored.reason}")
+        destinations = stored.queued_for
         self._crash_point("after_commit")
         return result, destinations
 
@@ -508,10 +484,7 @@ class Inbox:
         if not message.endswith("."):
             message += "."
         with db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE name = ?",
-                (JobState.FAILED.value, self.clock(), message, job.name),
-            )
+            jobs.mark_failed(self.conn, job.name, message, self.clock())
         self._waiting_logged.discard(job.name)
         log.warning("job %s failed: %s", job.name, message)
         self._move(job, self.failed_dir, error=message)
@@ -520,9 +493,9 @@ class Inbox:
               result_text: str | None = None) -> None:
         """Write NAME.error.txt / NAME.result.yaml into ``folder``, then move the job's files there."""
         if error is not None:
-            store.write_atomic(folder / f"{job.name}.error.txt", lambda f: f.write((error + "\n").encode()))
+            files.write_atomic(folder / f"{job.name}.error.txt", lambda f: f.write((error + "\n").encode()))
         if result_text is not None:
-            store.write_atomic(folder / f"{job.name}.result.yaml", lambda f: f.write(result_text.encode()))
+            files.write_atomic(folder / f"{job.name}.result.yaml", lambda f: f.write(result_text.encode()))
         self._crash_point("before_move")
         # The array first, the sidecar last: a job is never left with only its array moved
         # while its sidecar still says "ready".

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from gateway.derive import derive
 from gateway.inbox import inbox
-from gateway.storage import store
-from gateway.errors import JobError
+from gateway.errors import JobError, UnreadableHeader
+from gateway.storage.files import write_atomic
+from gateway.storage.header import read_header
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,8 @@ def _find_sources(source_dir: Path, series_uid: str | None, study_uid: str | Non
     found, series_seen = [], set()
     for path in sorted(p for p in source_dir.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            ds = read_header(path).dataset
+        except (UnreadableHeader, OSError, ValueError, EOFError):
             continue  # not DICOM: folders often hold other files
         if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
             continue
@@ -74,7 +73,7 @@ def encode_offline(array: Path, sidecar_path: Path, source_dir: Path, out: Path,
     result = derive.derive(sources, arr, spec, opts)
     ds = result.dataset
     try:
-        store.write_atomic(out, lambda f: ds.save_as(f, enforce_file_format=True))
+        write_atomic(out, lambda f: ds.save_as(f, enforce_file_format=True))
     except OSError as exc:
         raise JobError(f"cannot write {out}: {exc.strerror or exc}") from None
     return OfflineResult(out, f"{result.summary}; SOP Instance UID {result.sop_instance_uid}", result)

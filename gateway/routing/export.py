@@ -34,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 
 from gateway.config import Config
 from gateway.storage import db, index, series
+from gateway.storage.files import fsync_dir
 from gateway.storage.queue import backoff_seconds
 from gateway.storage.uids import check_uid
 from gateway.routing.triggers import SeriesState, manifest
@@ -51,14 +52,6 @@ _AT_FDCWD = -100
 
 class ExportError(Exception):
     """The export folder could not be built; the series stays open and is tried again later."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -141,7 +134,7 @@ def build_export(
             f.write(manifest_text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             if not _exchange(tmp, final):
                 aside = export_dir / f".{series_uid}.r{revision}.{secrets.token_hex(4)}.old.tmp"
@@ -151,7 +144,7 @@ def build_export(
             shutil.rmtree(tmp, ignore_errors=True)  # the previous revision, now under tmp
         else:
             os.rename(tmp, final)
-        _fsync_dir(export_dir)
+        fsync_dir(export_dir)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

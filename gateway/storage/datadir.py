@@ -3,7 +3,7 @@
 ``lock`` is what makes ``run`` the only writer of a data folder: a second ``run`` would
 requeue the first one's in-flight items and race it on every file. ``secure`` gives the
 folders the gateway owns mode 0700 and the database files 0600 whatever the umask (files
-are created 0600 where they are written: ``store.write_atomic``, the spool, ``db.connect``).
+are created 0600 where they are written: ``files.write_atomic``, the spool, ``db.connect``).
 """
 
 from __future__ import annotations

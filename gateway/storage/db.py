@@ -139,6 +139,13 @@ CREATE INDEX instance_attributes_patient ON instance_attributes(patient_id);
 CREATE INDEX instance_attributes_study_date ON instance_attributes(study_date);
 CREATE INDEX instance_attributes_accession ON instance_attributes(accession_number);
 """),
+    # Where the data set starts in each stored file (forward streams from there without
+    # re-reading the header; NULL for files stored by the first release) and which way it
+    # came in (store.Source).
+    ("instances.dataset_offset+source", """
+        ALTER TABLE instances ADD COLUMN dataset_offset INTEGER;
+        ALTER TABLE instances ADD COLUMN source TEXT;
+    """),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Instance and job rows: what is stored, series lookups for the inbox, counts for ``status``."""
+"""Instance rows: what is stored, series lookups for the inbox, counts for ``status``."""
 
 from __future__ import annotations
 
@@ -20,22 +20,26 @@ class InstanceRecord:
     origin: str  # 'received' | 'derived' | 'manual'
     received_at: float
     job: str | None = None
+    dataset_offset: int | None = None  # where the data set starts in the file (forward streams from here)
+    source: str | None = None  # store.Source: dimse | stow | send | derived
 
 
 def record_instance(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
     """Insert or replace the row for this SOP Instance UID (a resend replaces, one row stays)."""
     conn.execute(
         """INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
-               transfer_syntax, path, size, calling_ae, origin, job, received_at)
-           VALUES (?,?,?,?,?,?,?,?,?,?,?)
+               transfer_syntax, path, size, calling_ae, origin, job, received_at,
+               dataset_offset, source)
+           VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
            ON CONFLICT(sop_instance_uid) DO UPDATE SET
                sop_class_uid=excluded.sop_class_uid, study_uid=excluded.study_uid,
                series_uid=excluded.series_uid, transfer_syntax=excluded.transfer_syntax,
                path=excluded.path, size=excluded.size, calling_ae=excluded.calling_ae,
-               origin=excluded.origin, job=excluded.job, received_at=excluded.received_at""",
+               origin=excluded.origin, job=excluded.job, received_at=excluded.received_at,
+               dataset_offset=excluded.dataset_offset, source=excluded.source""",
         (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
          rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.origin, rec.job,
-         rec.received_at),
+         rec.received_at, rec.dataset_offset, rec.source),
     )
 
 
@@ -70,23 +74,6 @@ def store_counts(conn: sqlite3.Connection) -> dict:
            FROM instances"""
     ).fetchone()
     return dict(row)
-
-
-def job_counts(conn: sqlite3.Connection) -> dict:
-    counts = {"waiting": 0, "done": 0, "failed": 0}
-    for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-        counts[row["state"]] = row["n"]
-    return counts
-
-
-def recent_failed_jobs(conn: sqlite3.Connection, limit: int = 10) -> list[dict]:
-    """The latest failed inbox jobs with their one-sentence reasons, newest first."""
-    rows = conn.execute(
-        "SELECT name, error, finished_at FROM jobs WHERE state = 'failed' "
-        "ORDER BY finished_at DESC LIMIT ?",
-        (limit,),
-    )
-    return [{"job": r["name"], "error": r["error"], "failed_at": r["finished_at"]} for r in rows]
 
 
 def list_jobs(conn: sqlite3.Connection, state: str | None = None, limit: int = 50,

@@ -30,6 +30,7 @@ class Item:
     sop_class_uid: str
     transfer_syntax: str
     claimed_at: float = 0.0  # when this claim was made; a re-enqueue after it means "send again"
+    dataset_offset: int | None = None  # where the data set starts in the file (None: read the header)
 
 
 def backoff_seconds(
@@ -74,7 +75,7 @@ def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int
     """
     rows = conn.execute(
         """SELECT q.id, q.destination, q.sop_instance_uid, q.attempts, i.path, i.sop_class_uid,
-                  i.transfer_syntax
+                  i.transfer_syntax, i.dataset_offset
            FROM queue q JOIN instances i ON i.sop_instance_uid = q.sop_instance_uid
            WHERE q.destination = ? AND q.state = 'pending' AND q.next_attempt_at <= ?
            ORDER BY q.next_attempt_at, q.id LIMIT ?""",

@@ -1,20 +1,20 @@
-"""Where an instance's file goes (checked UIDs only) and how it gets there atomically.
+"""The one way in: ``Store.ingest`` takes a Part 10 file and makes it stored, indexed and queued.
 
-Layout: ``<store_dir>/<study uid>/<series uid>/<sop instance uid>.dcm``. Every file is first
-written (or spooled) under a temporary name on the same filesystem, fsynced, renamed over
-its final name and then the folder is fsynced: after a crash a path holds either the old
-complete file or the new complete one, never a partial one, and a rename that was reported
-done survives power loss (the folder fsync is what makes the rename itself durable).
+Every source goes through it: C-STORE (receive), STOW-RS, ``dicom-gateway send`` and the
+inbox's derived objects. One step, in this order: read the header (``header``), check the
+UIDs (and what the request promised), ask the router which destinations get it, place the
+file atomically (``files.place_atomic``), then in ONE transaction index it and queue it for
+those destinations (and, for a derived object, mark its inbox job done). Only a ``STORED``
+result may be acknowledged to anyone. The result's ``Outcome`` is the only thing a protocol
+handler maps (receive to a DIMSE status, STOW-RS to an HTTP failure reason).
 
-``Store.add_spooled`` is the whole receive step after the bytes arrived: check, place,
-then index and queue in one transaction. It returns an ``Outcome``; only ``receive`` knows
-what DIMSE status each outcome means.
+The router sees only the header (never pixel data) and the ``Arrival``; ``default_router``
+is ``routes.received`` / ``routes.results`` or the explicit list an arrival carries.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import secrets
@@ -22,23 +22,99 @@ import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-from gateway.storage import db, index, queue
-from gateway.errors import InvalidUID, StorageFull
+from gateway.errors import InvalidUID, StorageFull, UnreadableHeader
+from gateway.storage import db, index, jobs, queue
+from gateway.storage.datadir import FILE_MODE, make_dir
+from gateway.storage.files import (
+    COPY_BUFFER,
+    FULL_ERRNOS,
+    check_free_space,
+    instance_path,
+    place_atomic,
+)
+from gateway.storage.header import Header, read_header
 from gateway.storage.uids import check_uid
 
 log = logging.getLogger("gateway.store")
 
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+#: Every file ``ingest`` writes itself before placing it starts so (under ``data_dir/tmp``).
+TEMP_PREFIX = "in-"
+
+
+def tmp_dir(data_dir: Path) -> Path:
+    """Where instances in transit live: on the store's filesystem, so placing is a rename."""
+    return Path(data_dir) / "tmp"
+
+
+class Source(str, enum.Enum):
+    DIMSE = "dimse"  # a C-STORE from a peer
+    STOW = "stow"  # a STOW-RS request
+    SEND = "send"  # ``dicom-gateway send DEST PATH...``
+    DERIVED = "derived"  # made by the inbox from an AI tool's array
+
+
+#: The index's ``origin`` column (first release) for each source.
+_ORIGIN = {Source.DIMSE: "received", Source.STOW: "received", Source.SEND: "manual",
+           Source.DERIVED: "derived"}
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """Who brought an instance and how; the router and the index see this."""
+
+    source: Source
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    peer: str | None = None  # network address of the sender, "host:port"
+    identity: str | None = None  # authenticated HTTP user (STOW-RS)
+    destinations: tuple[str, ...] | None = None  # explicit: ``send DEST``; None: the router decides
+    job: str | None = None  # the inbox job a derived object comes from
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the request promised, checked against the data set (None: not promised)."""
+
+    sop_instance_uid: str | None = None  # C-STORE: Affected SOP Instance UID
+    sop_class_uid: str | None = None  # C-STORE: Affected SOP Class UID
+    study_uid: str | None = None  # STOW-RS: the study in the URL
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    destinations: tuple[str, ...]
+    rules: tuple[str, ...] = ()  # what decided (rule names, or the routes key), for the log
+
+
+Router = Callable[[Header, Arrival], RouteDecision]
+#: Runs inside ingest's transaction for every stored instance (e.g. QIDO's attribute rows).
+Indexer = Callable[[sqlite3.Connection, Header], None]
+
+
+def default_router(received: Iterable[str], results: Iterable[str]) -> Router:
+    """``routes.received`` for instances from outside, ``routes.results`` for derived ones;
+    an arrival's explicit destinations win."""
+    received, results = tuple(received), tuple(results)
+
+    def route(header: Header, arrival: Arrival) -> RouteDecision:
+        if arrival.destinations is not None:
+            return RouteDecision(tuple(arrival.destinations), ("explicit",))
+        if arrival.source is Source.DERIVED:
+            return RouteDecision(results, ("routes.results",))
+        return RouteDecision(received, ("routes.received",))
+
+    return route
 
 
 class Outcome(str, enum.Enum):
-    STORED = "stored"  # the file is durable, indexed and queued for routes.received
+    STORED = "stored"  # the file is durable, indexed and queued for its destinations
     INVALID = "invalid"  # a UID is missing/invalid or differs from the request; nothing kept
-    UNREADABLE = "unreadable"  # the bytes are not a DICOM data set we can parse; nothing kept
+    WRONG_STUDY = "wrong_study"  # its Study Instance UID is not the one the request named; nothing kept
+    UNREADABLE = "unreadable"  # not a DICOM Part 10 file we can parse; nothing kept
     NO_SPACE = "no_space"  # disk full, below storage.min_free_bytes, or larger than allowed
     FAILED = "failed"  # any other local failure (I/O, database); nothing acknowledged
 
@@ -46,164 +122,29 @@ class Outcome(str, enum.Enum):
 @dataclass(frozen=True)
 class Result:
     outcome: Outcome
-    reason: str = ""  # one sentence for the log and the peer's Error Comment
+    reason: str = ""  # one sentence for the log and the peer (DIMSE Error Comment, HTTP body)
     sop_instance_uid: str | None = None
     path: Path | None = None
     size: int = 0
     queued_for: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    header: Header | None = None
 
 
-# --------------------------------------------------------------------------- files
-
-
-def instance_path(store_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-    """``store_dir/<study>/<series>/<sop>.dcm``; raises ``InvalidUID`` unless all three are UIDs.
-
-    Only strings that pass ``uids.check_uid`` (digits and dots) become path parts, so no
-    dataset content can place a file outside ``store_dir``.
-    """
-    study = check_uid(study_uid, "Study Instance UID")
-    series = check_uid(series_uid, "Series Instance UID")
-    sop = check_uid(sop_uid, "SOP Instance UID")
-    return Path(store_dir) / study / series / f"{sop}.dcm"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def discard(path: Path) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_dir(folder: Path) -> None:
-    """mkdir -p, fsyncing the parent of every folder created so the new entries survive a crash."""
-    folder = Path(folder)
-    if folder.is_dir():
-        return
-    missing = []
-    probe = folder
-    while not probe.is_dir():
-        missing.append(probe)
-        probe = probe.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)  # readable by the gateway's user only, whatever the umask
-        except FileExistsError:
-            pass  # another thread made it; its creator fsyncs the parent
-        _fsync_dir(path.parent)
-
-
-def _storage_error(exc: OSError, path: Path) -> Exception:
-    if exc.errno in _FULL_ERRNOS:
-        return StorageFull(f"the disk holding {path.parent} is full; free space and the peer may resend")
-    return exc
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> int:
-    """Create or replace ``path`` with what ``write(file)`` writes; return the size in bytes.
-
-    The data goes to a temporary file in the same folder, is fsynced, renamed over ``path``
-    and the folder is fsynced. ``ENOSPC``/``EDQUOT`` raise ``errors.StorageFull``; on any
-    failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    try:
-        ensure_dir(path.parent)
-    except OSError as exc:
-        raise _storage_error(exc, path) from exc
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise _storage_error(exc, path) from exc
-        raise
-    _fsync_dir(path.parent)
-    return size
-
-
-def place_atomic(src: Path, path: Path) -> int:
-    """Move an already written file ``src`` onto ``path`` durably (fsync, rename, fsync folder).
-
-    ``src`` should be on the same filesystem (then this is a rename); otherwise it is copied
-    with ``write_atomic``. Returns the size; ``src`` is gone afterwards on success.
-    """
-    src, path = Path(src), Path(path)
-    try:
-        ensure_dir(path.parent)
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        os.replace(src, path)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise _storage_error(exc, path) from exc
-        with open(src, "rb") as f:
-            size = write_atomic(path, lambda out: shutil.copyfileobj(f, out, 1024 * 1024))
-        src.unlink()
-        return size
-    _fsync_dir(path.parent)
-    return size
-
-
-def free_bytes(folder: Path) -> int:
-    """Bytes available to us on the filesystem holding ``folder`` (the nearest existing parent)."""
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    st = os.statvfs(probe)
-    return st.f_bavail * st.f_frsize
-
-
-def check_free_space(folder: Path, min_free_bytes: int) -> None:
-    """Raise ``StorageFull`` when the disk holding ``folder`` is below its free-space floor."""
-    if min_free_bytes <= 0:
-        return
-    free = free_bytes(folder)
-    if free < min_free_bytes:
-        raise StorageFull(
-            f"only {free / 1e6:.0f} MB free under {folder}, below storage.min_free_bytes "
-            f"({min_free_bytes / 1e6:.0f} MB); free space or lower the floor"
-        )
-
-
-# --------------------------------------------------------------------------- the receive step
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """What the network side knows about one received instance (spooled to ``spool_path``)."""
-
-    spool_path: Path  # a Part 10 file on the store's filesystem, ours to move or delete
-    request_sop_instance_uid: str
-    request_sop_class_uid: str
-    transfer_syntax: str
-    calling_ae: str
-    study_uid: str | None  # as read from the data set
-    series_uid: str | None
-    sop_instance_uid: str | None
-    sop_class_uid: str | None
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class Store:
     """The store of one node: files under ``store_dir``, rows in the node's SQLite database.
 
     Safe to call from many threads (pynetdicom runs one per association): files are written
-    in parallel, the shared connection is only used under a lock.
+    in parallel, the shared connection is only used under a lock. ``checkpoint(name)`` is a
+    test hook called at ``"placed"`` (file in place, transaction not yet committed); each of
+    ``indexers`` adds its rows for a stored instance inside the ingest transaction.
     """
 
     def __init__(
@@ -211,72 +152,182 @@ class Store:
         data_dir: Path,
         store_dir: Path,
         conn: sqlite3.Connection,
-        routes: Iterable[str],
-        min_free_bytes: int,
+        *,
+        router: Router,
+        min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] | None = None,
+        indexers: Iterable[Indexer] = (),
     ):
         self.data_dir = Path(data_dir)
         self.store_dir = Path(store_dir)
+        self.tmp_dir = tmp_dir(self.data_dir)
         self.conn = conn
-        self.routes = tuple(routes)
+        self.router = router
         self.min_free_bytes = min_free_bytes
         self.clock = clock
+        self.checkpoint = checkpoint or (lambda name: None)
+        self.indexers = tuple(indexers)
         self._db_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, config, router: Router | None = None, **kwargs) -> Store:
+        """The store of ``config``'s node with its own database connection (``close()`` it)."""
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        router = router or default_router(config.routes.received, config.routes.results)
+        return cls(config.node.data_dir, config.store_dir, db.connect(config.db_path),
+                   router=router, min_free_bytes=config.storage.min_free_bytes, **kwargs)
 
     def close(self) -> None:
         """Close the connection; a handler still running afterwards gets Outcome.FAILED."""
         with self._db_lock:
             self.conn.close()
 
-    def add_spooled(self, item: Incoming) -> Result:
-        """Check, place and index one spooled instance; never raises for a per-instance problem."""
-        sop = item.sop_instance_uid
+    # ------------------------------------------------------------------ the one way in
+
+    def ingest(self, path: Path, arrival: Arrival, expected: Expected | None = None,
+               *, head: bytes | None = None) -> Result:
+        """Check, place, index and queue the Part 10 file at ``path``; never raises for a bad instance.
+
+        ``path`` is on the store's filesystem and ours: moved into the store when STORED,
+        deleted otherwise (except when the index write failed after placing: the file stays
+        in the store and a resend replaces it). ``head``: the file's first bytes, when the
+        caller has them in memory (receive's spool), so the header costs no read.
+        """
+        path = Path(path)
         try:
-            path = instance_path(self.store_dir, item.study_uid, item.series_uid, sop)
-            check_uid(item.sop_class_uid, "SOP Class UID")
-        except InvalidUID as exc:
-            return Result(Outcome.INVALID, str(exc), None)
-        if sop != item.request_sop_instance_uid:
-            return Result(
-                Outcome.INVALID,
-                f"SOP Instance UID {sop} in the data set differs from {item.request_sop_instance_uid!s:.64} "
-                "in the request",
-                None,
-            )
-        if item.sop_class_uid != item.request_sop_class_uid:
-            return Result(
-                Outcome.INVALID,
-                f"SOP Class UID {item.sop_class_uid} in the data set differs from "
-                f"{item.request_sop_class_uid!s:.64} in the request",
-                sop,
-            )
+            result = self._ingest(path, arrival, expected or Expected(), head)
+        except BaseException:
+            discard(path)
+            raise
+        if result.outcome is not Outcome.STORED and result.path is None:
+            discard(path)
+        return result
+
+    def ingest_written(self, write: Callable[[BinaryIO], None], arrival: Arrival,
+                       expected: Expected | None = None) -> Result:
+        """``ingest`` for a file we write first: ``write(f)`` writes the Part 10 file (a derived
+        object, a copy of a file given to ``send``). Exceptions from ``write`` other than a
+        full disk propagate (the temporary file is removed)."""
         try:
             check_free_space(self.store_dir, self.min_free_bytes)
-            size = place_atomic(item.spool_path, path)
+            make_dir(self.tmp_dir)
+            temp = self.tmp_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}.dcm"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    write(f)
+                except BaseException:
+                    discard(temp)
+                    raise
         except StorageFull as exc:
-            return Result(Outcome.NO_SPACE, str(exc), sop)
+            return Result(Outcome.NO_SPACE, str(exc))
         except OSError as exc:
-            return Result(Outcome.FAILED, f"cannot write {path.name}: {exc.strerror or exc}", sop)
+            if exc.errno in FULL_ERRNOS:
+                return Result(Outcome.NO_SPACE, f"the disk holding {self.tmp_dir} is full; free space")
+            return Result(Outcome.FAILED, f"cannot write a temporary file: {exc.strerror or exc}")
+        return self.ingest(temp, arrival, expected)
+
+    def ingest_dataset(self, ds, arrival: Arrival) -> Result:
+        """``ingest`` for a pydicom Dataset with its file meta (a derived object)."""
+        return self.ingest_written(lambda f: ds.save_as(f, enforce_file_format=True), arrival)
+
+    def ingest_copy(self, source: Path, arrival: Arrival) -> Result:
+        """``ingest`` for a copy of a file elsewhere (``send``); the file itself is left alone."""
+        with open(source, "rb") as src:
+            return self.ingest_written(lambda out: shutil.copyfileobj(src, out, COPY_BUFFER), arrival)
+
+    # ------------------------------------------------------------------ the steps
+
+    def _ingest(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result:
+        try:
+            header = read_header(path, head)
+        except UnreadableHeader as exc:
+            return Result(Outcome.UNREADABLE, str(exc))
+        except OSError as exc:
+            return Result(Outcome.FAILED, f"cannot read the received file: {exc.strerror or exc}")
+        except Exception as exc:  # pydicom raises many types on malformed data
+            return Result(Outcome.UNREADABLE, f"cannot parse the data set: {exc}"[:200])
+        refused = _check(header, expected)
+        if refused is not None:
+            return replace(refused, header=header)
+        sop = header.sop_instance_uid
+        target = instance_path(self.store_dir, header.study_uid, header.series_uid, sop)
+        decision = self.router(header, arrival)
+        try:
+            check_free_space(self.store_dir, self.min_free_bytes)
+            size = place_atomic(path, target)
+        except StorageFull as exc:
+            return Result(Outcome.NO_SPACE, str(exc), sop, header=header)
+        except OSError as exc:
+            return Result(Outcome.FAILED, f"cannot write {target.name}: {exc.strerror or exc}", sop,
+                          header=header)
+        header = replace(header, path=target)
+        self.checkpoint("placed")
         now = self.clock()
         record = index.InstanceRecord(
             sop_instance_uid=sop,
-            sop_class_uid=item.sop_class_uid,
-            study_uid=item.study_uid,
-            series_uid=item.series_uid,
-            transfer_syntax=item.transfer_syntax,
-            path=str(path.relative_to(self.data_dir)),
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            transfer_syntax=header.transfer_syntax,
+            path=str(target.relative_to(self.data_dir)),
             size=size,
-            calling_ae=item.calling_ae,
-            origin="received",
+            calling_ae=arrival.calling_ae,
+            origin=_ORIGIN[arrival.source],
             received_at=now,
+            job=arrival.job,
+            dataset_offset=header.dataset_offset,
+            source=arrival.source.value,
         )
         try:
             with self._db_lock, db.transaction(self.conn):
                 index.record_instance(self.conn, record)
-                queue.enqueue(self.conn, self.routes, sop, now)
+                queue.enqueue(self.conn, decision.destinations, sop, now)
+                if arrival.source is Source.DERIVED and arrival.job is not None:
+                    jobs.mark_done(self.conn, arrival.job, sop, header.series_uid, now)
+                for indexer in self.indexers:
+                    try:
+                        indexer(self.conn, header)
+                    except sqlite3.Error:
+                        raise
+                    except Exception as exc:  # odd values: stored and queued all the same
+                        log.warning("SOP %s: %s could not index it: %r", sop,
+                                    getattr(indexer, "__name__", indexer), exc)
         except sqlite3.Error as exc:
             # The file stays (a resend replaces it); without a row it is not acknowledged.
             if "full" in str(exc).lower():
-                return Result(Outcome.NO_SPACE, "the database disk is full; free space", sop)
-            return Result(Outcome.FAILED, f"cannot index the instance: {exc}", sop)
-        return Result(Outcome.STORED, "", sop, path, size, self.routes)
+                return Result(Outcome.NO_SPACE, "the database disk is full; free space", sop, target,
+                              header=header)
+            return Result(Outcome.FAILED, f"cannot index the instance: {exc}", sop, target, header=header)
+        return Result(Outcome.STORED, "", sop, target, size, decision.destinations,
+                      decision.rules, header)
+
+
+def _check(header: Header, expected: Expected) -> Result | None:
+    """An INVALID/WRONG_STUDY result when the UIDs are unusable or break a promise; else None."""
+    sop, sop_class = header.sop_instance_uid, header.sop_class_uid
+    try:
+        check_uid(header.study_uid, "Study Instance UID")
+        check_uid(header.series_uid, "Series Instance UID")
+        check_uid(sop, "SOP Instance UID")
+        check_uid(sop_class, "SOP Class UID")
+    except InvalidUID as exc:
+        return Result(Outcome.INVALID, str(exc))
+    if expected.sop_instance_uid is not None and sop != expected.sop_instance_uid:
+        return Result(Outcome.INVALID, f"SOP Instance UID {sop} in the data set differs from "
+                                       f"{expected.sop_instance_uid!s:.64} in the request")
+    if expected.sop_class_uid is not None and sop_class != expected.sop_class_uid:
+        return Result(Outcome.INVALID, f"SOP Class UID {sop_class} in the data set differs from "
+                                       f"{expected.sop_class_uid!s:.64} in the request", sop)
+    if header.media_sop_instance_uid != sop:
+        return Result(Outcome.INVALID, f"its file meta names SOP Instance UID "
+                                       f"{header.media_sop_instance_uid or '(none)'!s:.64}, the data set {sop}")
+    if header.media_sop_class_uid != sop_class:
+        return Result(Outcome.INVALID, f"its file meta names SOP Class UID "
+                                       f"{header.media_sop_class_uid or '(none)'!s:.64}, the data set "
+                                       f"{sop_class}", sop)
+    if expected.study_uid is not None and header.study_uid != expected.study_uid:
+        return Result(Outcome.WRONG_STUDY, f"its Study Instance UID {header.study_uid} differs from "
+                                           f"{expected.study_uid!s:.64} in the request", sop)
+    return None

@@ -112,27 +112,20 @@ def start(config: Config, deps: Deps) -> HttpServer:
 
 def deps_for(config: Config, on_queued=lambda names: None) -> Deps:
     """The handlers' dependencies for ``run``: a Store with its own connection (WAL: one writer at a time)."""
-    from gateway.storage import db
+    from gateway.storage.ingest_web import qido_indexer
     from gateway.storage.store import Store
 
-    conn = db.connect(config.db_path)
-    backfill_qido(conn, config)
-    store = Store(
-        data_dir=config.node.data_dir,
-        store_dir=config.store_dir,
-        conn=conn,
-        routes=config.routes.received,
-        min_free_bytes=config.storage.min_free_bytes,
-    )
+    store = Store.open(config, indexers=(qido_indexer,))
+    backfill_qido(store.conn, config)
     return Deps(config=config, store=store, on_queued=on_queued)
 
 
 def backfill_qido(conn, config: Config) -> int:
     """Instances stored before QIDO existed (an earlier release) get their searchable attributes."""
     from gateway.storage import qido
-    from gateway.storage.ingest_web import read_header
+    from gateway.storage.ingest_web import read_dataset
 
-    n = qido.backfill(conn, config.node.data_dir, read_header)
+    n = qido.backfill(conn, config.node.data_dir, read_dataset)
     if n:
         log.info("QIDO: indexed the attributes of %d instance(s) stored by an earlier release", n)
     return n

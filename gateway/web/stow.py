@@ -34,6 +34,7 @@ router = APIRouter(tags=["DICOMweb"])
 FAILURE_REASONS = {
     Outcome.NO_SPACE: 0xA700,  # Refused: out of resources
     Outcome.INVALID: 0xA900,  # Error: data set does not match (UIDs missing/invalid/mismatched)
+    Outcome.WRONG_STUDY: 0xA900,  # Error: data set does not match (another study than the URL's)
     Outcome.UNREADABLE: 0xC000,  # Error: cannot understand
     Outcome.FAILED: 0x0110,  # Processing failure
 }

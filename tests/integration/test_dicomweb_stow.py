@@ -61,7 +61,7 @@ def test_partial_failures_and_study_mismatch(web_node, ct_series):
     assert failed[1].ReferencedSOPInstanceUID == other_sop
     reasons = r.json()["00081198"]["Value"]
     assert "part 2: not a DICOM Part 10 file" in reasons[0]["00091001"]["Value"][0]
-    assert f"differs from {study} in the URL" in reasons[1]["00091001"]["Value"][0]
+    assert f"differs from {study} in the request" in reasons[1]["00091001"]["Value"][0]
     assert {row["sop_instance_uid"] for row in node.instance_rows()} == {
         pydicom.dcmread(p).SOPInstanceUID for p in good}
     # none stored: 409

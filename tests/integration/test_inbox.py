@@ -24,7 +24,7 @@ import yaml
 from pydicom.pixels import apply_modality_lut
 
 from gateway import config as config_mod
-from gateway.storage import db, index, store
+from gateway.storage import db, files, index
 from gateway.derive import derive
 from gateway import status
 from gateway.inbox.inbox import CRASH_ENV, CRASH_POINTS, Inbox
@@ -47,10 +47,10 @@ def index_sources(config: config_mod.Config, paths) -> None:
     try:
         for path in paths:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            dest = store.instance_path(config.store_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            dest = files.instance_path(config.store_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                        ds.SOPInstanceUID)
             data = Path(path).read_bytes()
-            size = store.write_atomic(dest, lambda f, data=data: f.write(data))
+            size = files.write_atomic(dest, lambda f, data=data: f.write(data))
             with db.transaction(conn):
                 index.record_instance(conn, index.InstanceRecord(
                     sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),

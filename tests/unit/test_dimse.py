@@ -1,18 +1,15 @@
 """gateway.dimse.codec against pynetdicom and pydicom: every hand-encoded message byte for byte,
-the command-set and P-DATA-TF parsers on pynetdicom's encodings, and the head-of-file UID
-reader on pydicom's bundled sample files."""
+and the command-set and P-DATA-TF parsers on pynetdicom's encodings (the header reader is
+tests/unit/test_header.py)."""
 
 from __future__ import annotations
 
 import io
 from io import BytesIO
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
@@ -21,76 +18,12 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.dimse.codec import (
     PDATA_HEAD,
-    NeedFile,
     command_fields,
-    dataset_start,
     file_meta_bytes,
     pdv_items,
     store_request_bytes,
     store_response_bytes,
-    uids_from_head,
 )
-
-
-# --------------------------------------------------------------------------- UIDs from the head
-
-
-def spooled_head(ds: pydicom.Dataset, transfer_syntax: str, limit: int = 64 * 1024) -> bytes:
-    """What pynetdicom writes to the spool for this data set: preamble, its file meta, the data set."""
-    out = io.BytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, create_file_meta(
-        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=transfer_syntax))
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, transfer_syntax == ImplicitVRLittleEndian
-    write_dataset(body, ds)
-    out.write(body.getvalue())
-    return out.getvalue()[:limit]
-
-
-# Bundled with pydicom (no download): sequences, waveforms, implicit VR and compressed ones.
-SAMPLES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG2000.dcm",
-           "MR_small_implicit.dcm", "waveform_ecg.dcm", "SC_rgb_rle.dcm"]
-
-
-@pytest.mark.parametrize("name", SAMPLES)
-@pytest.mark.parametrize("implicit", [False, True])
-def test_head_parser_agrees_with_pydicom(name, implicit):
-    ds = pydicom.dcmread(get_testdata_file(name))
-    ts = ImplicitVRLittleEndian if implicit else "1.2.840.10008.1.2.1"
-    if not implicit and ds.file_meta.TransferSyntaxUID.is_compressed:
-        ts = ds.file_meta.TransferSyntaxUID
-    head = spooled_head(ds, ts)
-    uids = uids_from_head(head, ts)
-    for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        assert uids[key] == ds.get(key), key
-
-
-def test_head_parser_walks_undefined_length_sequences():
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    item = pydicom.Dataset()
-    item.ReferencedSOPClassUID = "1.2.3"
-    item.ReferencedSOPInstanceUID = "1.2.3.4"
-    nested = pydicom.Dataset()
-    nested.CodeValue = "X"
-    item.PurposeOfReferenceCodeSequence = [nested]
-    ds.ReferencedImageSequence = [item, item]
-    ds.ReferencedImageSequence.is_undefined_length = True
-    for it in ds.ReferencedImageSequence:
-        it.is_undefined_length_sequence_item = True
-    for implicit in (False, True):
-        ts = ImplicitVRLittleEndian if implicit else "1.2.840.10008.1.2.1"
-        uids = uids_from_head(spooled_head(ds, ts), ts)
-        assert uids["SeriesInstanceUID"] == ds.SeriesInstanceUID
-
-
-def test_head_parser_defers_when_it_cannot_see_the_uids():
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ts = "1.2.840.10008.1.2.1"
-    with pytest.raises(NeedFile):
-        uids_from_head(spooled_head(ds, ts, limit=600), ts)
-    with pytest.raises(NeedFile):
-        uids_from_head(spooled_head(ds, ts), "1.2.840.10008.1.2.2")
 
 
 # --------------------------------------------------------------------------- hand-encoded messages
@@ -168,11 +101,3 @@ def test_pdata_head_and_pdv_items_agree_with_pynetdicoms_p_data_tf():
         (5, b"\x03" + command))
     encoded = p_data_tf((1, b"\x01" + command[:20]), (1, b"\x03" + command[20:]), (3, b"\x02data"))
     assert list(pdv_items(encoded[6:])) == [(0x01, command[:20]), (0x03, command[20:]), (0x02, b"data")]
-
-
-def test_dataset_start_reads_the_meta_group_length_or_declines():
-    meta = file_meta_bytes(CTImageStorage, "1.2.3", "1.2.840.10008.1.2.1")
-    head = b"\0" * 128 + b"DICM" + meta + b"\x08\x00"
-    assert dataset_start(head) == 132 + len(meta)
-    assert dataset_start(head[:143]) is None
-    assert dataset_start(b"\0" * 128 + b"DICX" + meta) is None

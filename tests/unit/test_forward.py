@@ -1,10 +1,9 @@
-"""The sender's pure parts: presentation-context planning and file offsets (the C-STORE
-command set is tests/unit/test_dimse.py)."""
+"""The sender's pure parts: presentation-context planning (the C-STORE command set is
+tests/unit/test_dimse.py, file offsets tests/unit/test_header.py)."""
 
 from __future__ import annotations
 
 
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -12,7 +11,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     MRImageStorage,
 )
-from pynetdicom.dsutils import split_dataset
 
 from gateway.forward import sender as forward
 from gateway.storage.queue import Item
@@ -48,17 +46,3 @@ def test_items_beyond_the_context_limit_wait_for_the_next_association():
     assert [i.id for i in plan.items] == [1, 2, 3]
     assert [i.id for i in plan.overflow] == [4, 5]
     assert len(plan.contexts) == 6
-
-
-def test_dataset_offset_matches_pynetdicoms_meta_parser(tmp_path):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = "1.2.3.4"
-    path = tmp_path / "x.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    with open(path, "rb") as f:
-        assert forward.dataset_offset(f, path) == split_dataset(path)[1]

@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import DataDirInUse
 from gateway.logsafe import OneLineFormatter, wire
 from gateway.storage import datadir, db
-from gateway.storage.store import write_atomic
+from gateway.storage.files import write_atomic
 
 
 @pytest.mark.parametrize("value,shown", [

@@ -14,7 +14,7 @@ from gateway import config as config_mod
 from gateway.routing import export, triggers
 from gateway.routing.rules import Facts
 from gateway.routing.triggers import SeriesState
-from gateway.storage import db, index, series, store
+from gateway.storage import db, files, index, series
 from tests.helpers_series import make_series
 
 
@@ -102,7 +102,7 @@ class Node:
     def receive(self, paths, calling_ae="CT01"):
         for path in paths:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            target = store.instance_path(self.config.store_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            target = files.instance_path(self.config.store_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                          ds.SOPInstanceUID)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)

@@ -1,0 +1,341 @@
+"""The one Part 10 header reader: file meta, the identifying UIDs and the elements before Pixel Data.
+
+Every way in (receive, ``send``, derived objects, STOW-RS) and every reader of stored files
+(forward, offline encode, the inbox's source series) reads headers here, within a budget:
+at most ``HEADER_BUDGET`` bytes of data set are ever held, whatever the file's size or what
+its element lengths claim, and a deflated data set is inflated only up to that budget.
+
+Fast path: receive hands over the first ``HEAD_BYTES`` of its spool file, already in memory;
+the UIDs are read from those bytes by a small walker (no pydicom parse: a pydicom Dataset
+costs as much as the rest of a small C-STORE). ``Header.dataset`` (every top-level element
+before Pixel Data, as a pydicom Dataset) is parsed by pydicom only when someone asks for it
+(routing rules, QIDO), from the same bounded bytes. Files that are not little endian, or
+whose UIDs lie beyond the head, are read from disk up to the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from gateway.errors import UnreadableHeader
+
+#: Bytes of a spool file receive keeps in memory for this reader (the head of the file).
+HEAD_BYTES = 64 * 1024
+#: Most bytes of data set (after the file meta) read for one header; what lies beyond is
+#: not part of the header. Every attribute routing and QIDO use is far inside.
+HEADER_BUDGET = 1024 * 1024
+#: Largest File Meta Information group accepted (it holds a few UIDs).
+MAX_META_BYTES = 64 * 1024
+
+PIXEL_DATA_TAG = 0x7FE00010
+#: Series Instance UID: the last of the identifying UIDs; the fast walk stops after it.
+LAST_UID_TAG = 0x0020000E
+UID_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+#: The keywords of the UIDs every header carries (``Header.uids``).
+UID_KEYWORDS = tuple(UID_TAGS.values())
+_META_TAGS = {
+    0x00020002: "MediaStorageSOPClassUID",
+    0x00020003: "MediaStorageSOPInstanceUID",
+    0x00020010: "TransferSyntaxUID",
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _NeedMore(Exception):
+    """The bytes at hand end before what is wanted: read more of the file (or give up)."""
+
+
+class _Odd(Exception):
+    """A structure the walker leaves to pydicom (an undefined-length element that is no sequence)."""
+
+
+# --------------------------------------------------------------------------- the walker
+
+
+def _element_at(buf: bytes, pos: int, explicit: bool, little: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR, value length, header length) of the element at ``pos``."""
+    if pos + 8 > len(buf):
+        raise _NeedMore
+    order = "little" if little else "big"
+    tag = (int.from_bytes(buf[pos:pos + 2], order) << 16) | int.from_bytes(buf[pos + 2:pos + 4], order)
+    if not explicit or tag >> 16 == 0xFFFE:
+        return tag, None, int.from_bytes(buf[pos + 4:pos + 8], order), 8
+    vr = bytes(buf[pos + 4:pos + 6])
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise _NeedMore
+        return tag, vr, int.from_bytes(buf[pos + 8:pos + 12], order), 12
+    return tag, vr, int.from_bytes(buf[pos + 6:pos + 8], order), 8
+
+
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool) -> int:
+    """Position after an undefined-length sequence whose items start at ``pos``."""
+    while True:
+        tag, _, length, _ = _element_at(buf, pos, explicit, little)
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _Odd
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements, up to the item delimiter
+            tag, vr, length, header = _element_at(buf, pos, explicit, little)
+            if tag == _ITEM_END:
+                pos += 8
+                break
+            pos += header
+            if length == _UNDEFINED:
+                if explicit and vr not in (b"SQ", b"UN"):
+                    raise _Odd
+                pos = _skip_sequence(buf, pos, explicit, little)
+            else:
+                pos += length
+
+
+def _read_uids(buf: bytes, explicit: bool, little: bool, whole: bool) -> dict[str, str | None]:
+    """The identifying UIDs from the data set bytes ``buf`` (``whole``: nothing follows them)."""
+    found: dict[str, str | None] = dict.fromkeys(UID_KEYWORDS)
+    pos = 0
+    while True:
+        if pos >= len(buf):
+            if whole:
+                return found
+            raise _NeedMore
+        tag, vr, length, header = _element_at(buf, pos, explicit, little)
+        if tag > LAST_UID_TAG:
+            return found
+        pos += header
+        if length == _UNDEFINED:
+            if explicit and vr not in (b"SQ", b"UN"):
+                raise _Odd
+            pos = _skip_sequence(buf, pos, explicit, little)
+            continue
+        if tag in UID_TAGS:
+            if pos + length > len(buf):
+                raise _NeedMore
+            found[UID_TAGS[tag]] = _text(buf[pos:pos + length])
+        pos += length
+
+
+def _complete_prefix(buf: bytes, explicit: bool, little: bool) -> int:
+    """Length of the run of whole top-level elements at the start of ``buf``, up to Pixel Data."""
+    pos = 0
+    while pos < len(buf):
+        try:
+            tag, vr, length, header = _element_at(buf, pos, explicit, little)
+            if tag >= PIXEL_DATA_TAG:
+                return pos
+            if length == _UNDEFINED:
+                if explicit and vr not in (b"SQ", b"UN"):
+                    return pos
+                end = _skip_sequence(buf, pos + header, explicit, little)
+            else:
+                end = pos + header + length
+        except (_NeedMore, _Odd):
+            return pos
+        if end > len(buf):
+            return pos
+        pos = end
+    return pos
+
+
+def _text(raw: bytes) -> str:
+    return bytes(raw).decode("latin-1").rstrip("\x00 ")
+
+
+def _read_meta(buf: bytes) -> tuple[dict[str, str], int]:
+    """The file meta group's UIDs and where the data set starts (explicit VR little endian)."""
+    if len(buf) < 132:
+        raise _NeedMore
+    if buf[128:132] != b"DICM":
+        raise UnreadableHeader("not a DICOM Part 10 file (no 'DICM' header)")
+    meta: dict[str, str] = {}
+    pos = 132
+    end = None
+    while end is None or pos < end:
+        if pos > MAX_META_BYTES:
+            raise UnreadableHeader(f"its file meta group is longer than {MAX_META_BYTES} bytes")
+        if pos + 8 > len(buf):
+            raise _NeedMore
+        group = int.from_bytes(buf[pos:pos + 2], "little")
+        if group != 0x0002:
+            break
+        tag, _vr, length, header = _element_at(buf, pos, True, True)
+        if length == _UNDEFINED:
+            raise UnreadableHeader("its file meta group has an element of undefined length")
+        value = pos + header
+        if value + length > len(buf):
+            raise _NeedMore
+        if tag == 0x00020000 and length == 4:
+            end = value + 4 + int.from_bytes(buf[value:value + 4], "little")
+        elif tag in _META_TAGS:
+            meta[_META_TAGS[tag]] = _text(buf[value:value + length])
+        pos = value + length
+    return meta, pos if end is None else end
+
+
+# --------------------------------------------------------------------------- the header
+
+
+@dataclass(frozen=True)
+class Header:
+    """What one Part 10 file says about itself, read within ``HEADER_BUDGET``."""
+
+    transfer_syntax: str
+    dataset_offset: int  # where the data set starts in the file (after preamble and file meta)
+    media_sop_class_uid: str | None
+    media_sop_instance_uid: str | None
+    uids: dict[str, str | None]  # UID_KEYWORDS -> value as read (None when absent)
+    data: bytes = field(repr=False, default=b"")  # the data set's first bytes (inflated if deflated)
+    whole: bool = field(repr=False, default=True)  # ``data`` is the whole data set
+    path: Path | None = field(repr=False, default=None)  # where the file is, to read past a short head
+
+    @property
+    def sop_class_uid(self) -> str | None:
+        return self.uids["SOPClassUID"]
+
+    @property
+    def sop_instance_uid(self) -> str | None:
+        return self.uids["SOPInstanceUID"]
+
+    @property
+    def study_uid(self) -> str | None:
+        return self.uids["StudyInstanceUID"]
+
+    @property
+    def series_uid(self) -> str | None:
+        return self.uids["SeriesInstanceUID"]
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """Every top-level element before Pixel Data that lies within the budget (pydicom, lazily).
+
+        When the header came from a short head, the rest of the budget is read from ``path``
+        (``store.ingest`` keeps it pointing at the file: the spool file, then the stored one).
+        """
+        data = self.data
+        if not self.whole and len(data) < HEADER_BUDGET and self.path is not None:
+            with open(self.path, "rb") as f:
+                f.seek(self.dataset_offset)
+                data = f.read(HEADER_BUDGET)
+        return _parse_dataset(data, self.transfer_syntax)
+
+
+def _syntax_flags(transfer_syntax: str) -> tuple[bool, bool]:
+    """(explicit VR, little endian); every other syntax, compressed ones included, is explicit LE."""
+    if transfer_syntax == ImplicitVRLittleEndian:
+        return False, True
+    if transfer_syntax == ExplicitVRBigEndian:
+        return True, False
+    return True, True
+
+
+def _parse_dataset(data: bytes, transfer_syntax: str) -> Dataset:
+    """pydicom's reading of the whole elements at the start of ``data``, up to Pixel Data."""
+    explicit, little = _syntax_flags(transfer_syntax)
+    end = _complete_prefix(data, explicit, little)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about values it would not write itself
+        return read_dataset(BytesIO(data[:end]), not explicit, little)
+
+
+def _uids_of(ds: Dataset) -> dict[str, str | None]:
+    return {k: (str(ds[k].value).rstrip("\x00 ") or None) if k in ds and ds[k].value else None
+            for k in UID_KEYWORDS}
+
+
+def _from_bytes(buf: bytes, whole: bool, path: Path) -> Header:
+    """The header from the first bytes of a file (``whole``: the file ends there). Not deflated."""
+    meta, offset = _read_meta(buf)
+    ts = meta.get("TransferSyntaxUID")
+    if not ts:
+        raise UnreadableHeader("its file meta has no Transfer Syntax UID")
+    if ts == DeflatedExplicitVRLittleEndian:
+        raise _NeedMore  # inflated from the file (bounded), never from a head
+    explicit, little = _syntax_flags(ts)
+    data = bytes(buf[offset:offset + HEADER_BUDGET])
+    data_whole = whole and offset + HEADER_BUDGET >= len(buf)
+    try:
+        uids = _read_uids(data, explicit, little, data_whole)
+    except _Odd:
+        uids = _uids_of(_parse_dataset(data, ts))
+    return Header(ts, offset, meta.get("MediaStorageSOPClassUID"),
+                  meta.get("MediaStorageSOPInstanceUID"), uids, data, data_whole, path)
+
+
+def _inflate(f, offset: int) -> tuple[bytes, bool]:
+    """At most HEADER_BUDGET bytes of a deflated data set, and whether that is all of it."""
+    f.seek(offset)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    while len(out) < HEADER_BUDGET:
+        chunk = inflater.unconsumed_tail or f.read(64 * 1024)
+        if not chunk:
+            return bytes(out), True
+        try:
+            out += inflater.decompress(chunk, HEADER_BUDGET - len(out))
+        except zlib.error as exc:
+            raise UnreadableHeader(f"its deflated data set does not inflate ({exc})") from None
+        if inflater.eof:
+            return bytes(out), True
+    return bytes(out), False
+
+
+def read_header(path: Path, head: bytes | None = None) -> Header:
+    """The header of the Part 10 file at ``path``; ``head``: its first bytes, if already in memory.
+
+    Raises ``errors.UnreadableHeader`` (one sentence) when the file is not a Part 10 file or
+    its file meta is unusable, and ``OSError`` when it cannot be read. Missing UIDs are not
+    an error here: they are ``None`` in ``Header.uids`` and the caller decides.
+    """
+    size = os.stat(path).st_size
+    if head is not None:
+        try:
+            return _from_bytes(head, len(head) >= size, path)
+        except _NeedMore:
+            pass
+    with open(path, "rb") as f:
+        buf = f.read(MAX_META_BYTES + HEADER_BUDGET)
+        whole = len(buf) >= size
+        try:
+            return _from_bytes(buf, whole, path)
+        except _NeedMore:
+            pass
+        try:
+            meta, offset = _read_meta(buf)
+        except _NeedMore:
+            if len(buf) < 132:
+                raise UnreadableHeader(
+                    f"not a DICOM Part 10 file (only {len(buf)} bytes, too short for its header)") from None
+            raise UnreadableHeader("the file ends inside its file meta group") from None
+        ts = meta.get("TransferSyntaxUID", "")
+        if ts == DeflatedExplicitVRLittleEndian:
+            data, whole = _inflate(f, offset)
+        else:  # the UIDs lie beyond the budget, or the data set is cut short
+            data = bytes(buf[offset:offset + HEADER_BUDGET])
+            whole = whole and len(buf) - offset <= HEADER_BUDGET
+    try:
+        uids = _read_uids(data, *_syntax_flags(ts), whole)
+    except (_NeedMore, _Odd):
+        uids = _uids_of(_parse_dataset(data, ts))
+    return Header(ts, offset, meta.get("MediaStorageSOPClassUID"),
+                  meta.get("MediaStorageSOPInstanceUID"), uids, data, whole, path)
