@@ -242,7 +242,7 @@ class Sender:
 
     def _sent(self, out: _Outcomes, item: queue.Item, status: int) -> None:
         out.add(lambda conn: queue.mark_sent(conn, item.id, self._clock(), item.claimed_at))
-        parts = Path(item.path).parts  # store/<study>/<series>/<sop>.dcm (store.instance_path)
+        parts = Path(item.path).parts  # store/<study>/<series>/<sop>.dcm (files.instance_path)
         if len(parts) >= 3:
             self._batch_sent.add(parts[-3], parts[-2], 0)
         extra = "" if status == 0 else f" (warning 0x{status:04X})"
