@@ -61,7 +61,18 @@ from tests.conftest import free_port, make_orthanc, port_open, stop_process, wai
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 AS_INSTALLED_ENV = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
 CORPORA = {"ct": (200, 512), "small": (1000, 64)}
-RECEIVERS = ["gateway", "dcmtk", "pynetdicom", "orthanc", "gateway-nagle"]
+RECEIVERS = ["gateway", "dcmtk", "pynetdicom", "orthanc", "gateway-nagle", "gateway-tls", "dcmtk-tls"]
+
+
+class Pki:
+    """A test CA with the receivers' and the sender's certificates (RSA 2048, ECDHE suites)."""
+
+    def __init__(self, folder: Path):
+        from tests.tlsutil import TestCA
+
+        self.ca = TestCA(folder)
+        self.server = self.ca.issue("bench-receiver")
+        self.client = self.ca.issue("bench-sender")
 
 
 def corpus(cache: Path, name: str) -> list[Path]:
@@ -79,8 +90,9 @@ class Receiver:
 
     aet = "BENCH"
 
-    def __init__(self, kind: str, folder: Path):
-        self.kind, self.folder = kind, folder
+    def __init__(self, kind: str, folder: Path, pki: Pki | None = None):
+        self.kind, self.folder, self.pki = kind, folder, pki
+        self.tls = kind.endswith("-tls")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.orthanc = None
@@ -88,14 +100,22 @@ class Receiver:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "receiver.log", "ab")
-        kind = self.kind.removesuffix("-nagle")
+        kind = self.kind.removesuffix("-nagle").removesuffix("-tls")
         if kind == "gateway":
             cfg = {
                 "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port,
                          "data_dir": str(self.folder / "var")},
                 "storage": {"min_free_bytes": 0},
                 "logging": {"level": "INFO"},  # the default: one log line per instance
+                "http": {"enabled": False},
             }
+            if self.tls:  # the TLS listener, client certificate required; the plain one elsewhere
+                tls_port, self.port = self.port, free_port()
+                cfg["node"]["port"] = self.port
+                cfg["node"]["tls"] = {"port": tls_port, "cert_file": str(self.pki.server.cert),
+                                      "key_file": str(self.pki.server.key),
+                                      "ca_file": str(self.pki.ca.ca_file)}
+                self.port = tls_port
             (self.folder / "gateway.yaml").write_text(yaml.safe_dump(cfg))
             cmd = [sys.executable, "-m", "gateway", "run", "-c", str(self.folder / "gateway.yaml")]
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -103,6 +123,9 @@ class Receiver:
             out = self.folder / "out"
             out.mkdir()
             cmd = ["/usr/bin/storescp", "-aet", self.aet, "-od", str(out), str(self.port)]
+            if self.tls:  # DCMTK's default: the BCP 195 non-downgrading profile, client certificate required
+                cmd[1:1] = ["+tls", str(self.pki.server.key), str(self.pki.server.cert),
+                            "+cf", str(self.pki.ca.ca_file)]
             self.proc = subprocess.Popen(cmd, env=NODELAY_ENV, stdout=log, stderr=subprocess.STDOUT)
         elif kind == "pynetdicom":
             out = self.folder / "out"
@@ -120,6 +143,9 @@ class Receiver:
         log.close()
         wait_until(lambda: self.proc.poll() is not None or port_open(self.port), 60, 0.05,
                    f"{self.kind} to listen")
+        if kind == "gateway" and self.tls:
+            wait_until(lambda: "listening as" in (self.folder / "receiver.log").read_text(), 60, 0.05,
+                       "the gateway's listeners")
         if self.proc.poll() is not None:
             raise SystemExit(f"{self.kind} exited at start; see {self.folder / 'receiver.log'}")
 
@@ -152,7 +178,9 @@ def send(receiver: Receiver, files: list[Path], nagle: bool) -> tuple[float, int
     done, peak = threading.Event(), []
     sampler = threading.Thread(target=peak_rss_during, args=(receiver.proc.pid, done, peak))
     sampler.start()
-    cmd = ["/usr/bin/storescu", "-aet", "BENCHSCU", "-aec", receiver.aet, "127.0.0.1",
+    tls = (["+tls", str(receiver.pki.client.key), str(receiver.pki.client.cert),
+            "+cf", str(receiver.pki.ca.ca_file)] if receiver.tls else [])
+    cmd = ["/usr/bin/storescu", "-aet", "BENCHSCU", "-aec", receiver.aet, *tls, "127.0.0.1",
            str(receiver.port), *map(str, files)]
     start = time.perf_counter()
     result = subprocess.run(cmd, env=AS_INSTALLED_ENV if nagle else NODELAY_ENV,
@@ -184,6 +212,7 @@ def main() -> int:
     receivers = args.receivers.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-receive-"))
     results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    pki = Pki(work / "pki") if any(r.endswith("-tls") for r in receivers) else None
     try:
         for corpus_name in args.corpus.split(","):
             files = corpus(args.cache, corpus_name)
@@ -192,7 +221,7 @@ def main() -> int:
                 order = receivers[rnd % len(receivers):] + receivers[: rnd % len(receivers)]
                 for kind in order:
                     folder = work / f"{corpus_name}-{kind}-{rnd}"
-                    receiver = Receiver(kind, folder)
+                    receiver = Receiver(kind, folder, pki)
                     receiver.start()
                     try:
                         elapsed, peak = send(receiver, files, nagle=kind.endswith("-nagle"))
@@ -221,6 +250,14 @@ def main() -> int:
             for other in ("pynetdicom", "dcmtk", "orthanc"):
                 if g and other in med:
                     print(f"  gateway / {other}: {g / med[other]:.2f}x")
+            gt = med.get("gateway-tls")
+            if gt and "dcmtk-tls" in med:
+                print(f"  gateway-tls / dcmtk-tls: {gt / med['dcmtk-tls']:.2f}x")
+            if gt and g:  # target: TLS costs the gateway at most 25% of its plain throughput
+                print(f"  gateway-tls / gateway (plain): {gt / g:.2f}x, TLS costs {100 * (1 - gt / g):.0f}%"
+                      f" (target <= 25%)")
+            if "dcmtk-tls" in med and "dcmtk" in med:
+                print(f"  dcmtk-tls / dcmtk (plain): {med['dcmtk-tls'] / med['dcmtk']:.2f}x")
             print(flush=True)
     finally:
         if args.work is None:

@@ -46,16 +46,20 @@ def tls_args(dest: DestinationConfig):
 
 
 def probe_tls(dest: DestinationConfig, timeout: float) -> tuple[dict | None, str | None]:
-    """Handshake with a TLS destination without sending DICOM: (its certificate, None) or (None, why not)."""
+    """Handshake with a TLS destination without sending DICOM: (its certificate, None), (None, why
+    the handshake failed), or (None, None) when no TCP connection could be made."""
     ctx, name = tls_args(dest)
     try:
-        with socket.create_connection((dest.host, dest.port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=name) as sock:
-                return sock.getpeercert(), None
+        raw = socket.create_connection((dest.host, dest.port), timeout=timeout)
+    except OSError:
+        return None, None  # not a TLS matter: the caller says "cannot connect"
+    try:
+        with ctx.wrap_socket(raw, server_hostname=name) as sock:
+            return sock.getpeercert(), None
     except (OSError, ValueError) as exc:
-        if isinstance(exc, ConnectionRefusedError):
-            return None, "connection refused"
         return None, tls.describe_ssl_error(exc)
+    finally:
+        raw.close()
 
 
 def describe_failure(assoc, dest: DestinationConfig, timeout: float = 10.0) -> str:

@@ -254,7 +254,10 @@ def test_echo_explains_expired_and_no_shared_protocol(gateway_factory, dcmtk, pk
         gw = gateway_factory(start=False, destinations={
             "expired": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": exp_port, "tls": tls},
             "old": {"ae_title": "OLD", "host": "127.0.0.1", "port": old_port, "tls": tls},
+            "down": {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port(), "tls": tls},
         })
+        r = gw.cli("echo", "down")
+        assert r.returncode == 1 and "cannot connect to DOWN@127.0.0.1" in r.stderr, r.stderr
         r = gw.cli("echo", "expired")
         assert r.returncode == 1 and "expired" in r.stderr, r.stderr
         r = gw.cli("echo", "old")
