@@ -191,3 +191,21 @@ def test_audit_nothing_lost_without_rotation(tmp_path):
     events = audit_trail.read(path)
     assert [e["ParticipantObjectIdentification"][0]["ParticipantObjectID"] for e in events] == [
         f"1.2.{i}" for i in range(1000)]
+
+
+def test_dicomweb_request_descriptions():
+    from gateway.web.audit_requests import describe
+
+    q = describe("GET", "/dicom-web/studies/1.2/series", "Modality=CT", 200, "token:r", "10.0.0.9", "GW")
+    assert q["event_id"] == audit_trail.QUERY and q["outcome"] == 0
+    assert q["objects"][0]["ParticipantObjectQuery"] == "/dicom-web/studies/1.2/series?Modality=CT"
+    w = describe("GET", "/dicom-web/studies/1.2/series/1.3/instances/1.4/frames/1", "", 404, "u", None, "GW")
+    assert w["event_id"] == audit_trail.INSTANCES_TRANSFERRED and w["action"] == "R" and w["outcome"] == 4
+    assert w["objects"][0]["ParticipantObjectID"] == "1.2"
+    assert w["objects"][0]["ParticipantObjectDescription"] == {
+        "Resource": "studies/1.2/series/1.3/instances/1.4/frames/1",
+        "SeriesInstanceUID": "1.3", "SOPInstanceUID": "1.4"}
+    s = describe("POST", "/dicom-web/studies", "", 500, "token:w", "10.0.0.9", "GW")
+    assert s["action"] == "C" and s["outcome"] == 8 and s["objects"] == []
+    a = describe("GET", "/dicom-web/studies", "", 401, "-", "10.0.0.9", "GW")
+    assert a["event_id"] == audit_trail.USER_AUTHENTICATION and a["outcome"] == 4
