@@ -19,6 +19,16 @@ Figures on the 2-core build machine (shared with other jobs), 3 rounds, medians,
     gateway/pynetdicom: CT 1.65x, small 1.84x; gateway/Orthanc: CT 1.06x, small 0.66x;
     gateway/DCMTK: CT 0.29x, small 0.25x. Peak RSS: gateway ~93 MB, Orthanc ~148 MB (CT).
 
+TLS cases (``gateway-tls``: storescu +tls with a client certificate to the gateway's TLS
+listener, client certificate required; ``dcmtk-tls``: the same to DCMTK storescp +tls, its
+default BCP 195 non-downgrading profile; RSA 2048 certificates from a CA made per run). Two
+runs on the shared machine under load average 7-9 (every receiver 3-8x slower than above),
+CT, medians of 3 and 5 interleaved rounds, inst/s:
+
+    gateway 22.6 / 24.6, gateway-tls 19.0 / 19.4, dcmtk-tls 101.0 / 62.0, dcmtk 259.7 / 91.9
+    gateway-tls / gateway (plain): 0.84x / 0.79x, so TLS costs the gateway 16% / 21% (target <= 25%)
+    gateway-tls / dcmtk-tls: 0.19x / 0.31x; dcmtk-tls / dcmtk: 0.39x / 0.68x
+
 What each step bought (py-spy profiles between steps; single rounds, so roughly):
   * stock pynetdicom loops + spool/fsync/index:                   CT 111/s, small 149/s
   * serve requests in the DUL thread, wait on the socket instead
