@@ -9,6 +9,7 @@ into a retry with the reason. ``echo`` checks a destination with one QIDO-RS que
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 import uuid
@@ -46,9 +47,14 @@ def ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
 def make_client(dest: DicomwebDestinationConfig, connect_timeout: float) -> httpx.Client:
     """One connection, kept alive between requests and passes."""
     return httpx.Client(
-        verify=ssl_context(dest.tls),
+        # Nagle would hold each request's small closing boundary until the server's delayed
+        # ACK (~40 ms per request here): small writes go out at once.
+        transport=httpx.HTTPTransport(
+            verify=ssl_context(dest.tls), retries=0,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        ),
         timeout=httpx.Timeout(dest.timeout_seconds, connect=min(connect_timeout, dest.timeout_seconds)),
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60),
         headers={"User-Agent": USER_AGENT},
         follow_redirects=False,
         trust_env=False,

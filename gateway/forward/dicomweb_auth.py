@@ -29,7 +29,10 @@ MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
 
 
 class SecretFile:
-    """A secret read from a file, and read again whenever the file changes (rotation without restart)."""
+    """A secret read from a file, and read again whenever the file changes (rotation without restart).
+
+    A missing, unreadable or empty file is a retry, not a refusal: someone may be replacing it.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -40,7 +43,7 @@ class SecretFile:
         try:
             st = os.stat(self.path)
         except OSError as exc:
-            raise AuthRefused(f"cannot read the secret file {self.path}: {exc.strerror or exc}") from None
+            raise RetryLater(f"cannot read the secret file {self.path}: {exc.strerror or exc}") from None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def changed(self) -> bool:
@@ -53,9 +56,9 @@ class SecretFile:
             try:
                 text = self.path.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise AuthRefused(f"cannot read the secret file {self.path}: {exc}") from None
+                raise RetryLater(f"cannot read the secret file {self.path}: {exc}") from None
             if not text:
-                raise AuthRefused(f"the secret file {self.path} is empty")
+                raise RetryLater(f"the secret file {self.path} is empty")
             if self._key is not None:
                 log.info("re-read the secret file %s (it changed)", self.path)
             self._key, self._value = key, text

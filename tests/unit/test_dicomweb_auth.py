@@ -42,8 +42,8 @@ def test_bearer_token_is_read_again_when_its_file_changes(tmp_path):
     path.write_text("second-token-longer")
     assert cred.refresh() is True
     assert cred.headers() == {"Authorization": "Bearer second-token-longer"}
-    path.unlink()
-    with pytest.raises(AuthRefused, match="cannot read the secret file"):
+    path.unlink()  # mid-rotation: a retry, not a refusal
+    with pytest.raises(RetryLater, match="cannot read the secret file"):
         cred.headers()
 
 
