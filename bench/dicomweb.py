@@ -26,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pydicom
 import yaml
@@ -126,27 +125,38 @@ class OrthancWeb:
         return len(self.orthanc.instances())
 
 
-def bodies(files: list[Path]) -> list[bytes]:
-    """One multipart/related body per PER_REQUEST files, built before any timing."""
+def bodies(files: list[Path], folder: Path) -> list[Path]:
+    """One multipart/related body file per PER_REQUEST instances, written before any timing."""
+    folder.mkdir(parents=True, exist_ok=True)
     out = []
     for start in range(0, len(files), PER_REQUEST):
-        parts = []
-        for path in files[start:start + PER_REQUEST]:
-            parts.append(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
-        out.append(b"".join(parts) + f"--{BOUNDARY}--\r\n".encode())
+        path = folder / f"stow-{start // PER_REQUEST}.body"
+        with open(path, "wb") as f:
+            for src in files[start:start + PER_REQUEST]:
+                f.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+                f.write(src.read_bytes())
+                f.write(b"\r\n")
+            f.write(f"--{BOUNDARY}--\r\n".encode())
+        out.append(path)
     return out
 
 
-def stow(server, requests: list[bytes]) -> tuple[float, int]:
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
-               "Accept": "application/dicom+json"}
-    with httpx.Client(timeout=600) as client, Peak(server.proc.pid) as peak:
+def stow(server, requests: list[Path]) -> tuple[float, int]:
+    """All requests with one curl process (one kept-alive connection); every answer must be 200."""
+    ctype = f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+    cmd = ["/usr/bin/curl"]
+    for i, body in enumerate(requests):
+        if i:
+            cmd.append("--next")
+        cmd += ["-s", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", ctype, "-H", "Accept: application/dicom+json",
+                "-H", "Expect:", "--data-binary", f"@{body}", f"{server.url}/studies"]
+    with Peak(server.proc.pid) as peak:
         start = time.perf_counter()
-        for body in requests:
-            r = client.post(f"{server.url}/studies", content=body, headers=headers)
-            if r.status_code != 200:
-                raise SystemExit(f"STOW-RS to {type(server).__name__} answered {r.status_code}: {r.text[:500]}")
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         elapsed = time.perf_counter() - start
+    codes = result.stdout.split()
+    if codes != ["200"] * len(requests):
+        raise SystemExit(f"STOW-RS to {type(server).__name__} answered {codes}: {result.stderr[-500:]}")
     return elapsed, peak.peak
 
 
@@ -162,18 +172,17 @@ def cstore(gateway: Gateway, files: list[Path]) -> tuple[float, int]:
 
 
 def wado(server, study: str, series: str, expect_bytes: int) -> tuple[float, int]:
+    """Retrieve the series with curl (a C client, so the servers are what is measured), body to /dev/null."""
     url = f"{server.url}/studies/{study}/series/{series}"
-    with httpx.Client(timeout=600) as client, Peak(server.proc.pid) as peak:
+    cmd = ["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H",
+           f"Accept: {ACCEPT_STORED}", url]
+    with Peak(server.proc.pid) as peak:
         start = time.perf_counter()
-        got = 0
-        with client.stream("GET", url, headers={"Accept": ACCEPT_STORED}) as resp:
-            if resp.status_code != 200:
-                raise SystemExit(f"WADO-RS from {type(server).__name__} answered {resp.status_code}")
-            for chunk in resp.iter_raw(1024 * 1024):
-                got += len(chunk)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         elapsed = time.perf_counter() - start
-    if got < expect_bytes:
-        raise SystemExit(f"WADO-RS from {type(server).__name__}: {got} bytes, expected at least {expect_bytes}")
+    status, size = result.stdout.split()
+    if status != "200" or int(size) < expect_bytes:
+        raise SystemExit(f"WADO-RS from {type(server).__name__}: status {status}, {size} bytes")
     return elapsed, peak.peak
 
 
@@ -187,8 +196,8 @@ def main() -> int:
     total = sum(p.stat().st_size for p in files)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study, series = first.StudyInstanceUID, first.SeriesInstanceUID
-    requests = bodies(files)
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
+    requests = bodies(files, work / "bodies")
     res: dict[str, list[tuple[float, int]]] = {}
     tasks = ["stow-gateway", "stow-orthanc", "cstore-gateway"]
     try:

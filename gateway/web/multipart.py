@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Callable
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -100,8 +101,10 @@ class RelatedParser:
     the rest of the body is still parsed. The caller owns the files (``discard_all``).
     """
 
-    def __init__(self, boundary: str, spool_dir: Path, max_part_bytes: int):
+    def __init__(self, boundary: str, spool_dir: Path, max_part_bytes: int,
+                 on_part_done: Callable[[Part], None] | None = None):
         self.spool_dir = Path(spool_dir)
+        self.on_part_done = on_part_done
         self.max_part_bytes = max_part_bytes
         self.parts: list[Part] = []
         self._current: Part | None = None
@@ -199,6 +202,8 @@ class RelatedParser:
                 self._file = None
                 self._fail_part(exc)
             self._file = None
+        if self.on_part_done is not None and self._current.path is not None:
+            self.on_part_done(self._current)
         self._current = None
 
     def _end(self) -> None:

@@ -10,7 +10,10 @@ returns). Status: 200 all stored, 202 some failed, 409 none stored, 400 malforme
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,22 @@ FAILURE_REASONS = {
 }
 
 
+def _flush(path: Path | None) -> None:
+    """fsync a spooled part (best effort: the ingest fsyncs it again before it counts)."""
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def spool_dir(deps: Deps) -> Path:
     folder = deps.config.node.data_dir / "tmp"
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,27 +75,33 @@ class PartOutcome:
     study_uid: str | None = None
 
 
-def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, identity: str) -> list[PartOutcome]:
-    """Ingest each spooled part (worker thread); a part's problem never stops the others."""
-    outcomes = []
-    queued: set[str] = set()
-    for part in parts:
-        if part.problem:
-            kind = Outcome.NO_SPACE if part.out_of_resources else Outcome.FAILED
-            outcomes.append(PartOutcome(part, Result(kind, part.problem)))
-            continue
-        ctype = part.content_type
-        if ctype and ctype != "application/dicom":
-            part.discard()
-            outcomes.append(PartOutcome(part, Result(
-                Outcome.UNREADABLE, f"part {part.index + 1} is {ctype}, not application/dicom")))
-            continue
-        got = ingest_web.ingest_file(deps.store, part.path, expected_study=study, peer=peer, identity=identity)
-        part.path = None if got.result.outcome is Outcome.STORED else part.path
+#: Parts of one request ingested at once: their file and folder fsyncs overlap.
+INGEST_WORKERS = 4
+
+
+def _ingest_one(deps: Deps, part: Part, study: str | None, peer: str, identity: str) -> PartOutcome:
+    if part.problem:
+        kind = Outcome.NO_SPACE if part.out_of_resources else Outcome.FAILED
+        return PartOutcome(part, Result(kind, part.problem))
+    ctype = part.content_type
+    if ctype and ctype != "application/dicom":
         part.discard()
-        outcomes.append(PartOutcome(part, got.result, got.sop_class_uid, got.sop_instance_uid,
-                                    got.series_uid, got.study_uid))
-        queued.update(got.result.queued_for)
+        return PartOutcome(part, Result(Outcome.UNREADABLE, f"part {part.index + 1} is {ctype}, not application/dicom"))
+    got = ingest_web.ingest_file(deps.store, part.path, expected_study=study, peer=peer, identity=identity)
+    part.path = None if got.result.outcome is Outcome.STORED else part.path
+    part.discard()
+    return PartOutcome(part, got.result, got.sop_class_uid, got.sop_instance_uid, got.series_uid,
+                       got.study_uid)
+
+
+def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, identity: str) -> list[PartOutcome]:
+    """Ingest every spooled part (worker threads); a part's problem never stops the others."""
+    if len(parts) == 1:
+        outcomes = [_ingest_one(deps, parts[0], study, peer, identity)]
+    else:
+        with ThreadPoolExecutor(min(INGEST_WORKERS, len(parts)), thread_name_prefix="stow") as pool:
+            outcomes = list(pool.map(lambda p: _ingest_one(deps, p, study, peer, identity), parts))
+    queued = {name for o in outcomes for name in o.result.queued_for}
     if queued:
         try:
             deps.on_queued(sorted(queued))
@@ -133,12 +158,18 @@ async def _stow(request: Request, study: str | None, identity: Identity, deps: D
         raise HTTPException(400, str(exc)) from None
     if deps.store is None:
         raise HTTPException(503, "this server has no store to write to")
-    parser = RelatedParser(boundary, spool_dir(deps), deps.config.storage.max_instance_bytes)
+    loop = asyncio.get_running_loop()
+    flushing: list[asyncio.Future] = []
+    # Each finished part is fsynced in a worker thread while the next ones arrive, so the
+    # ingest's own fsync of the file finds nothing left to write.
+    parser = RelatedParser(boundary, spool_dir(deps), deps.config.storage.max_instance_bytes,
+                           on_part_done=lambda part: flushing.append(loop.run_in_executor(None, _flush, part.path)))
     try:
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
             parts = parser.finish()
+            await asyncio.gather(*flushing)
         except MalformedBody as exc:
             raise HTTPException(400, f"{exc}; nothing was stored") from None
         except ClientDisconnect:

@@ -1,19 +1,22 @@
 """WADO-RS (PS3.18 10.4): instances, series and studies as multipart/related streamed from disk.
 
-The stored bytes go out unchanged (chunked reads of ``CHUNK`` bytes, never a whole file in
-memory); uncompressed little endian instances may be re-labelled between Implicit and
+The stored bytes go out unchanged, read into buffers of ``BATCH`` bytes (many small
+instances per write, a large one in several; one buffer read ahead in a worker thread while
+the other is sent, so at most two per request); uncompressed little endian instances may be re-labelled between Implicit and
 Explicit VR (``relabel_head``: the header is re-encoded, the pixel bytes are copied). Also
 metadata (DICOM JSON with BulkDataURIs), the bulk data behind those URIs, and frames.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import secrets
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -40,6 +43,9 @@ from gateway.web.negotiate import (
 log = logging.getLogger("gateway.wado")
 router = APIRouter(tags=["DICOMweb"])
 CHUNK = 1024 * 1024
+#: WADO-RS instance bodies go out in buffers of this size; with one read ahead, a request holds
+#: at most two of them.
+BATCH = 1024 * 1024
 
 
 def _boundary() -> str:
@@ -90,14 +96,68 @@ def relabel_head(header: StoredHeader, target: str) -> bytes:
     return out.getvalue()
 
 
-def _instance_body(path: Path, choice: Choice) -> Iterator[bytes]:
+def _instance_pieces(path: Path, choice: Choice) -> list:
+    """What one instance's part body is made of: file ranges, and for a relabelled one its new head."""
     if choice.as_stored:
-        yield from _copy(path)
-        return
-    header = read_header(path)
-    yield relabel_head(header, choice.transfer_syntax)
-    if header.pixel_tag is not None:
-        yield from _copy(path, header.pixel_value_offset, header.pixel_length)
+        return [(path, 0, None)]
+
+    def head_and_pixels() -> list:
+        header = read_header(path)
+        pieces: list = [relabel_head(header, choice.transfer_syntax)]
+        if header.pixel_tag is not None:
+            pieces.append((path, header.pixel_value_offset, header.pixel_length))
+        return pieces
+
+    return [head_and_pixels]
+
+
+def _chunks(pieces: list) -> Iterator[memoryview]:
+    """Bytes, callables returning more pieces, and (path, start, length) file ranges, as buffers of
+    about BATCH bytes: many small instances go out in one write, a large one in several."""
+    buf, pos = bytearray(BATCH), 0
+    stack = list(reversed(pieces))
+    while stack:
+        piece = stack.pop()
+        if callable(piece):
+            stack.extend(reversed(piece()))
+            continue
+        if isinstance(piece, (bytes, bytearray)):
+            if pos + len(piece) > len(buf):
+                buf.extend(bytes(pos + len(piece) - len(buf)))
+            buf[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        else:
+            path, start, length = piece
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = length if length is not None else os.fstat(f.fileno()).st_size - start
+                while left > 0:
+                    if pos == len(buf):
+                        yield memoryview(buf)
+                        buf, pos = bytearray(BATCH), 0
+                    n = f.readinto(memoryview(buf)[pos:pos + min(left, len(buf) - pos)])
+                    if not n:
+                        raise OSError(f"{path.name} is shorter than its index says")
+                    pos += n
+                    left -= n
+        if pos >= len(buf):
+            yield memoryview(buf)[:pos]
+            buf, pos = bytearray(BATCH), 0
+    if pos:
+        yield memoryview(buf)[:pos]
+
+
+async def _prefetched(chunks: Iterator[memoryview]) -> AsyncIterator[memoryview]:
+    """Read the next buffer in a worker thread while the current one is being sent."""
+    loop = asyncio.get_running_loop()
+    done = object()
+    pending = loop.run_in_executor(None, next, chunks, done)
+    while True:
+        chunk = await pending
+        if chunk is done:
+            return
+        pending = loop.run_in_executor(None, next, chunks, done)
+        yield chunk
 
 
 def _rows(deps: Deps, study: str, series: str | None, instance: str | None) -> list:
@@ -136,7 +196,7 @@ async def _retrieve(request: Request, deps: Deps, study: str, series: str | None
         row, choice = plan[0]
         path = data_dir / row["path"]
         headers = {"Content-Length": str(row["size"])} if choice.as_stored else {}
-        return StreamingResponse(_instance_body(path, choice), headers=headers,
+        return StreamingResponse(_prefetched(_chunks(_instance_pieces(path, choice))), headers=headers,
                                  media_type=f"application/dicom; transfer-syntax={choice.transfer_syntax}")
     boundary = _boundary()
     base = base_url(request, deps)
@@ -152,14 +212,12 @@ async def _retrieve(request: Request, deps: Deps, study: str, series: str | None
         total = sum(len(h) + row["size"] + 2 for h, (row, _) in zip(heads, plan)) + len(tail)
         headers["Content-Length"] = str(total)
 
-    def body() -> Iterator[bytes]:
-        for head, (row, choice) in zip(heads, plan):
-            yield head
-            yield from _instance_body(data_dir / row["path"], choice)
-            yield b"\r\n"
-        yield tail
+    pieces: list = []
+    for head, (row, choice) in zip(heads, plan):
+        pieces += [head, *_instance_pieces(data_dir / row["path"], choice), b"\r\n"]
+    pieces.append(tail)
 
-    return StreamingResponse(body(), headers=headers,
+    return StreamingResponse(_prefetched(_chunks(pieces)), headers=headers,
                              media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
 
