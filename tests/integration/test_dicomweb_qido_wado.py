@@ -149,3 +149,39 @@ def test_wado_transcodes_between_uncompressed_and_refuses_else(web_node, ct_seri
     assert r.status_code == 406 and "stored as 1.2.840.10008.1.2" in r.json()["detail"]
     r = httpx.get(url, headers={**bearer(READER_TOKEN), "Accept": "image/png"})
     assert r.status_code == 406
+
+
+def test_compressed_frames_as_stored_and_other_bulk_data(web_node, ct_series):
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import RLELossless
+
+    node = web_node()
+    path = ct_series(1, rows=32, columns=32)[0]
+    ds = pydicom.dcmread(path)
+    frames = np.stack([ds.pixel_array, ds.pixel_array[::-1], ds.pixel_array[:, ::-1]])
+    ds.NumberOfFrames = 3
+    ds.compress(RLELossless, frames)
+    ds.add_new(0x00091010, "LO", "BIGBULK")  # a private creator and a large private binary value
+    ds.add_new(0x00091011, "OB", bytes(range(256)) * 20)
+    ds.save_as(path, enforce_file_format=True)
+    stored = pydicom.dcmread(path)
+    expected = list(generate_frames(stored.PixelData, number_of_frames=3))
+    _client(node).store_instances([stored])
+    base = (f"{node.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+    r = httpx.get(f"{base}/frames/3,1", headers={**bearer(READER_TOKEN),
+                                               "Accept": 'multipart/related; type="image/dicom-rle"'})
+    assert r.status_code == 200, r.text
+    parts = multipart_parts(r)
+    assert [body for _, body in parts] == [expected[2], expected[0]]
+    assert parts[0][0]["content-type"].startswith("image/dicom-rle")
+    r = httpx.get(f"{base}/frames/1", headers={**bearer(READER_TOKEN),
+                                             "Accept": 'multipart/related; type="application/octet-stream"'})
+    assert r.status_code == 406 and "image/dicom-rle" in r.json()["detail"]
+    meta = httpx.get(f"{base}/metadata", headers=bearer(READER_TOKEN)).json()[0]
+    uri = meta["00091011"]["BulkDataURI"]
+    assert uri.endswith("/bulk/00091011") and meta["00091010"]["Value"] == ["BIGBULK"]
+    [(_, body)] = multipart_parts(httpx.get(uri, headers=bearer(READER_TOKEN)))
+    assert body == bytes(range(256)) * 20
+    got = _client(node).retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert got.file_meta.TransferSyntaxUID == RLELossless and got.PixelData == stored.PixelData
