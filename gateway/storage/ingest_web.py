@@ -2,18 +2,15 @@
 
 What STOW-RS needs around ``Store.ingest``: the arrival (peer, authenticated identity), the
 study UID of the URL enforced, the identifying UIDs of a refused file for its failure item,
-and the QIDO attributes recorded for each stored instance (``qido_indexer``, inside the
-ingest transaction).
+while every ``Store`` records the QIDO attributes of what it stores (``qido.indexer``, inside
+the ingest transaction).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.storage import qido
-from gateway.storage.header import Header
 from gateway.storage.store import Arrival, Expected, Result, Source, Store
 
 
@@ -24,11 +21,6 @@ class Ingested:
     sop_instance_uid: str | None = None
     series_uid: str | None = None
     study_uid: str | None = None
-
-
-def qido_indexer(conn: sqlite3.Connection, header: Header) -> None:
-    """``Store`` indexer: the searchable attributes of a stored instance (QIDO-RS)."""
-    qido.record(conn, header.sop_instance_uid, header.dataset)
 
 
 def read_dataset(path: Path):

@@ -105,6 +105,11 @@ def record(conn: sqlite3.Connection, sop_instance_uid: str, ds) -> None:
                  (sop_instance_uid, *row.values()))
 
 
+def indexer(conn: sqlite3.Connection, header) -> None:
+    """``Store`` indexer (every store has it): a stored instance's attributes, in the ingest transaction."""
+    record(conn, header.sop_instance_uid, header.dataset)
+
+
 def missing(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
     """Instances without an attributes row (stored by an earlier release): their UIDs and paths."""
     return conn.execute(

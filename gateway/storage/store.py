@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from gateway.errors import InvalidUID, StorageFull, UnreadableHeader
-from gateway.storage import db, index, jobs, queue
+from gateway.storage import db, index, jobs, qido, queue
 from gateway.storage.datadir import FILE_MODE, make_dir
 from gateway.storage.files import (
     COPY_BUFFER,
@@ -157,7 +157,7 @@ class Store:
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         checkpoint: Callable[[str], None] | None = None,
-        indexers: Iterable[Indexer] = (),
+        indexers: Iterable[Indexer] = (qido.indexer,),
     ):
         self.data_dir = Path(data_dir)
         self.store_dir = Path(store_dir)

@@ -112,10 +112,9 @@ def start(config: Config, deps: Deps) -> HttpServer:
 
 def deps_for(config: Config, on_queued=lambda names: None) -> Deps:
     """The handlers' dependencies for ``run``: a Store with its own connection (WAL: one writer at a time)."""
-    from gateway.storage.ingest_web import qido_indexer
     from gateway.storage.store import Store
 
-    store = Store.open(config, indexers=(qido_indexer,))
+    store = Store.open(config)
     backfill_qido(store.conn, config)
     return Deps(config=config, store=store, on_queued=on_queued)
 

@@ -54,6 +54,8 @@ def test_ai_job_over_http(gateway_factory, ct_series):
     seg = client.retrieve_instance(result["study_instance_uid"], result["series_instance_uid"],
                                    result["sop_instance_uid"])
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == s.SeriesInstanceUID
+    found = client.search_for_series(s.StudyInstanceUID, search_filters={"Modality": "SEG"})
+    assert [pydicom.Dataset.from_json(f).SeriesInstanceUID for f in found] == [result["series_instance_uid"]]
 
     # the same name again: 409, nothing new dropped; a name not given: a unique one is chosen
     r = httpx.post(f"{base}/api/inbox/jobs", files=files, data={"name": "mask-1"}, headers=bearer(), timeout=30)

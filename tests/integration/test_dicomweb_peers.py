@@ -96,3 +96,12 @@ def test_orthanc_dicomweb_plugin_pushes_queries_and_retrieves(gateway_factory, o
         oid = orthanc.find_instance(ds.SOPInstanceUID)
         assert oid is not None, f"Orthanc did not retrieve {ds.SOPInstanceUID}"
         assert after_file_meta(orthanc.instance_file(oid)) == after_file_meta(ours[ds.SOPInstanceUID])
+
+
+def test_instances_from_c_store_are_found_by_qido_at_once(gateway_factory, dcmtk, ct_series):
+    gw = gateway_factory(http={"auth": auth_section(hashes())})
+    paths = ct_series(2, rows=32, columns=32)
+    assert dcmtk.storescu(gw.port, gw.ae_title, *paths).returncode == 0
+    client = DICOMwebClient(f"{gw.http_url}/dicom-web", headers=bearer(READER_TOKEN))
+    found = client.search_for_series(search_filters={"PatientID": "PID0001", "Modality": "CT"})
+    assert [pydicom.Dataset.from_json(s).SeriesInstanceUID for s in found] == [pydicom.dcmread(paths[0]).SeriesInstanceUID]
