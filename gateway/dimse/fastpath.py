@@ -164,7 +164,17 @@ class _GatewaySocket(AssociationSocket):
         got = 0
         sock = self.socket
         while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
+            try:
+                n = sock.recv_into(view[got:], nr_bytes - got)
+            except TimeoutError:  # the accepted socket's timeout (dimse.guard)
+                _rx_log.warning(
+                    "closing the connection from %s: it stopped in the middle of a PDU (%d of "
+                    "%d bytes) for more than node.network_timeout_seconds (%g s)",
+                    self.gateway_peer(), got, nr_bytes, sock.gettimeout() or 0,
+                )
+                n = 0
+            except OSError:
+                n = 0
             if not n:
                 view.release()
                 self._closed()

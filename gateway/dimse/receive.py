@@ -38,6 +38,7 @@ from gateway.dimse import peers, tls
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
 from gateway.dimse.netutil import set_nodelay
+from gateway.dimse.guard import ConnectionGuard
 from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.dimse.spool import Spooler, clean_spool
 from gateway.storage.store import (
@@ -248,8 +249,10 @@ class ReceiveServer:
     """The listening AE; ``shutdown()`` stops accepting, lets running associations finish
     (bounded by ``grace`` seconds), aborts the rest and closes the database."""
 
-    def __init__(self, ae: AE, servers: list, store: Store, config: Config, tls_server=None):
+    def __init__(self, ae: AE, servers: list, store: Store, config: Config, tls_server=None,
+                 guard: ConnectionGuard | None = None):
         self.ae, self.servers, self.store, self.config = ae, servers, store, config
+        self.guard = guard
         self.server = servers[0]
         plain = [s for s in servers if s is not tls_server]
         #: (host, port) of the plain listener (None when node.port is null), and of the TLS one.
@@ -265,11 +268,16 @@ class ReceiveServer:
         for assoc in self._established():
             log.warning("aborting the association from %s at shutdown", _peer(assoc))
             assoc.abort(block=False)
+        if self.guard is not None:
+            self.guard.close_all()  # a DUL blocked reading a stalled peer cannot send the abort
         deadline = time.monotonic() + 2.0
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
         # pynetdicom's network threads are not daemons: one waiting for an A-ASSOCIATE-RQ
-        # that never comes (a port probe) would hold the process for the ACSE timeout.
+        # that never comes (a port probe) would hold the process for the ACSE timeout, one
+        # blocked reading a stalled peer's PDU for the network timeout: shut their sockets.
+        if self.guard is not None:
+            self.guard.close_all()
         for assoc in self._all():
             assoc.dul.kill_dul()
         for assoc in self._all():
@@ -315,7 +323,9 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
     enable_spooling()
 
     ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
+    # dimse.guard caps connections at node.max_associations; pynetdicom's own count also
+    # holds threads still winding down after the guard closed their connection.
+    ae.maximum_associations = 2 * node.max_associations
     ae.maximum_pdu_size = node.max_pdu_size
     ae.network_timeout = node.network_timeout_seconds
     ae.acse_timeout = node.acse_timeout_seconds
@@ -365,4 +375,9 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
             f"cannot listen on {node.host}:{port}: {exc.strerror or exc} "
             f"(is another gateway running? change {key})"
         ) from None
-    return ReceiveServer(ae, servers, store, config, tls_server)
+    # Before any thread exists for a connection: one cap over both listeners and a read
+    # timeout on every accepted socket (dimse.guard).
+    guard = ConnectionGuard(node.max_associations, node.network_timeout_seconds)
+    for server in servers:
+        guard.install(server)
+    return ReceiveServer(ae, servers, store, config, tls_server, guard)

@@ -51,10 +51,15 @@ class SpoolFile:
     """
 
     def __init__(self, path: Path, max_bytes: int, min_free_bytes: int):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.name = str(path)
         self.file = self  # pynetdicom calls ``file.flush()`` after every fragment
-        self._sink = _FdSink(fd)
+        self.problem: str | None = None
+        self._sink: _FdSink | None = None
+        try:
+            self._sink = _FdSink(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except OSError as exc:  # EMFILE, ENOSPC, EACCES...: this C-STORE fails, the thread lives
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.problem = "the disk is full" if full else f"cannot create a spool file: {exc.strerror}"
         self._folder = path.parent
         self._max_bytes = max_bytes
         self._min_free = min_free_bytes
@@ -62,7 +67,6 @@ class SpoolFile:
         self._pending = bytearray()
         self.head = bytearray()
         self.size = 0
-        self.problem: str | None = None
 
     def write(self, data) -> int:
         n = len(data)
@@ -97,7 +101,8 @@ class SpoolFile:
         self._pending = bytearray()
         self.head = bytearray()
         try:
-            self._sink.truncate()  # give the space back now, not when the data set ends
+            if self._sink is not None:
+                self._sink.truncate()  # give the space back now, not when the data set ends
         except OSError:
             pass
         return n
@@ -136,6 +141,14 @@ class Spooler:
     count: int = 0
 
     def open(self) -> SpoolFile:
+        """A new spool file; an unfinished one of this association is discarded first.
+
+        pynetdicom opens a file for every final command-set fragment of a C-STORE-RQ, also
+        when the previous data set never ended: one association could otherwise hold any
+        number of open files. We do not negotiate asynchronous operations, so a peer that
+        starts a new request before the last one was answered has given that one up.
+        """
+        self.discard_all()
         self.count += 1
         spool = SpoolFile(self.folder / f"{self.prefix}{self.count}.dcm", self.max_bytes,
                           self.min_free_bytes)

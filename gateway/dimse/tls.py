@@ -287,9 +287,10 @@ class TLSAssociationServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request, client_address) -> None:
         try:
+            read_timeout = request.gettimeout()  # dimse.guard's node.network_timeout_seconds
             request.settimeout(self.gateway_handshake_timeout)
             request.do_handshake()
-            request.settimeout(None)
+            request.settimeout(read_timeout)
         except (OSError, ValueError) as exc:
             self.gateway_on_failure(client_address, describe_ssl_error(exc))
             self.shutdown_request(request)
