@@ -193,7 +193,13 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open (and create) the database; autocommit mode, transactions only via ``transaction``."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # SQLite gives its -wal and -shm files the database file's mode: create it 0600 first.
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    # Only when it is new: closing any descriptor of a database file drops every POSIX lock
+    # this process holds on it, so another process's last close would then reset the WAL
+    # under our open connections and their later commits would be lost.
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
