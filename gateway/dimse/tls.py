@@ -223,8 +223,11 @@ def describe_ssl_error(exc: BaseException) -> str:
         return f"unknown CA: the peer's certificate could not be verified ({text})"
     if reason in ("CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_EXPIRED") or "expired" in text:
         return "expired: a certificate has expired"
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE") and \
+            not isinstance(exc, ssl.SSLCertVerificationError):
+        return "not TLS: the peer does not speak TLS on this port (plain DICOM on a TLS port, or the reverse?)"
     if reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE",
-                  "WRONG_VERSION_NUMBER", "NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                  "NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE",
                   "VERSION_TOO_LOW"):
         return f"no shared protocol: the peer offers no TLS 1.2+ version or BCP 195 cipher we accept ({reason})"
     if isinstance(exc, (TimeoutError, socket.timeout)):

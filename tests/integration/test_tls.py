@@ -334,3 +334,33 @@ def test_warnings_in_check_config_and_status(gateway_factory, pki):
     assert lines[0].startswith("node.tls.cert_file: the certificate expired on ")
     assert lines[1].startswith("node.tls.key_file: does not match the certificate in cert_file")
     assert lines[2].startswith("node.tls.require_client_cert: needs node.tls.ca_file")
+
+
+def test_listener_refuses_old_protocols_and_non_bcp195_ciphers(gateway_factory, dcmtk, pki):
+    """openssl s_client with TLS 1.1, and with TLS 1.2 but a non-BCP 195 suite: refused, one line each."""
+    from tests.conftest import require_program
+
+    openssl = require_program("/usr/bin/openssl")
+    tls_port = free_port()
+    gw = gateway_factory(node={"tls": {"port": tls_port, "cert_file": str(pki["gateway"].cert),
+                                       "key_file": str(pki["gateway"].key), "require_client_cert": False}})
+    wait_until(lambda: port_open(tls_port), 10, what="the TLS listener")
+    attempts = [["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"], ["-tls1_2", "-cipher", "AES128-SHA"],
+                ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"]]
+    results = []
+    for extra in attempts:
+        r = subprocess.run([openssl, "s_client", "-connect", f"127.0.0.1:{tls_port}", "-CAfile",
+                            str(pki["ca"].ca_file), *extra], input="", capture_output=True, text=True,
+                           timeout=30)
+        results.append(r.stdout + r.stderr)
+    assert "Cipher is ECDHE-RSA-AES128-GCM-SHA256" in results[2] and "Verify return code: 0 (ok)" in results[2]
+    assert "Cipher is (NONE)" in results[0] or "no protocols available" in results[0] or \
+        "alert" in results[0], results[0]
+    assert "Cipher is (NONE)" in results[1] or "alert handshake failure" in results[1], results[1]
+    # a plain DICOM client on the TLS port is refused too, and the plain port still works
+    assert dcmtk.echoscu(tls_port, gw.ae_title).returncode != 0
+    assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
+    refused = [line for line in gw.log().splitlines() if "rejected TLS connection" in line]
+    assert len(refused) == 3, refused
+    assert "no shared protocol" in refused[0] and "no shared protocol" in refused[1], refused
+    assert "not TLS: the peer does not speak TLS on this port" in refused[2], refused
