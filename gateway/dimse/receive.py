@@ -41,6 +41,7 @@ from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.guard import ConnectionGuard
 from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.dimse.spool import Spooler, clean_spool
+from gateway.routing.router import Router
 from gateway.storage.store import (
     Arrival,
     Expected,
@@ -48,7 +49,6 @@ from gateway.storage.store import (
     Result,
     Source,
     Store,
-    default_router,
     discard,
     tmp_dir,
 )
@@ -219,8 +219,11 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -
         discard(path)
         result = Result(Outcome.NO_SPACE, spool.problem)
     else:
+        # The called AE title the peer asked for (routing rules match it), not our own title:
+        # they differ when node.require_called_ae_title is false.
+        called = getattr(getattr(assoc.requestor, "primitive", None), "called_ae_title", None)
         arrival = Arrival(
-            Source.DIMSE, calling_ae=calling, called_ae=str(assoc.acceptor.ae_title).strip(),
+            Source.DIMSE, calling_ae=calling, called_ae=str(called or assoc.acceptor.ae_title).strip(),
             peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
         )
         expected = Expected(sop_instance_uid=req_sop, sop_class_uid=str(req.AffectedSOPClassUID or ""))
@@ -317,7 +320,7 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
     conn = db.connect(config.db_path)
     store = Store(
         node.data_dir, config.store_dir, conn,
-        router=default_router(config.routes.received, config.routes.results),
+        router=Router(config),
         min_free_bytes=config.storage.min_free_bytes,
     )
     enable_spooling()

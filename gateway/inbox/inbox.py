@@ -41,7 +41,8 @@ from gateway.storage import db, files, index, jobs
 from gateway.storage.datadir import make_dir, restrict
 from gateway.storage.header import read_header
 from gateway.storage.jobs import JobState
-from gateway.storage.store import Arrival, Outcome, Source, Store, default_router
+from gateway.routing.router import Router
+from gateway.storage.store import Arrival, Outcome, Source, Store
 from gateway.derive import derive
 from gateway.inbox import sidecar
 from gateway.config import Config
@@ -223,7 +224,7 @@ class Inbox:
         if self._store is None or self._store.conn is not self.conn:
             self._store = Store(
                 self.config.node.data_dir, self.config.store_dir, self.conn,
-                router=default_router(self.config.routes.received, self.config.routes.results),
+                router=Router(self.config, clock=self.clock),
                 min_free_bytes=self.config.storage.min_free_bytes, clock=self.clock,
                 checkpoint=lambda name: self._crash_point("after_store") if name == "placed" else None,
             )

@@ -46,11 +46,11 @@ class Decision:
     verdicts: tuple[Verdict, ...]
     received: bool  # routes.received contributed
 
-    def describe(self, sop_instance_uid: str) -> str:
-        """The one log line per routing decision."""
+    def describe(self, sop_instance_uid: str, base: str = "received") -> str:
+        """The one log line per routing decision (``base``: what ``received`` stood for)."""
         why = [f"rules {', '.join(self.rules)}"] if self.rules else []
         if self.received:
-            why.append("received")
+            why.append(base)
         if not self.destinations:
             return f"routed SOP {sop_instance_uid} to no destination (no rule matched)"
         return f"routed SOP {sop_instance_uid} to {', '.join(self.destinations)} by {', '.join(why)}"

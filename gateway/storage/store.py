@@ -88,6 +88,9 @@ class Expected:
 class RouteDecision:
     destinations: tuple[str, ...]
     rules: tuple[str, ...] = ()  # what decided (rule names, or the routes key), for the log
+    #: Runs inside ingest's transaction after the queue rows (rule match counts, trigger state).
+    in_transaction: Callable[[sqlite3.Connection], None] | None = None
+    log_line: str = ""  # logged once the instance is stored ("routed SOP ... by rules ...")
 
 
 Router = Callable[[Header, Arrival], RouteDecision]
@@ -174,7 +177,10 @@ class Store:
     def open(cls, config, router: Router | None = None, **kwargs) -> Store:
         """The store of ``config``'s node with its own database connection (``close()`` it)."""
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        router = router or default_router(config.routes.received, config.routes.results)
+        if router is None:
+            from gateway.routing.router import Router  # routing builds on this module
+
+            router = Router(config)
         return cls(config.node.data_dir, config.store_dir, db.connect(config.db_path),
                    router=router, min_free_bytes=config.storage.min_free_bytes, **kwargs)
 
@@ -294,12 +300,16 @@ class Store:
                     except Exception as exc:  # odd values: stored and queued all the same
                         log.warning("SOP %s: %s could not index it: %r", sop,
                                     getattr(indexer, "__name__", indexer), exc)
+                if decision.in_transaction is not None:
+                    decision.in_transaction(self.conn)
         except sqlite3.Error as exc:
             # The file stays (a resend replaces it); without a row it is not acknowledged.
             if "full" in str(exc).lower():
                 return Result(Outcome.NO_SPACE, "the database disk is full; free space", sop, target,
                               header=header)
             return Result(Outcome.FAILED, f"cannot index the instance: {exc}", sop, target, header=header)
+        if decision.log_line:
+            log.info("%s", decision.log_line)
         return Result(Outcome.STORED, "", sop, target, size, decision.destinations,
                       decision.rules, header)
 
