@@ -101,3 +101,28 @@ def test_media_types_and_size(web_node, ct_series):
                    headers={"Content-Type": CT, **bearer()})
     assert r.status_code == 413 and "http.max_request_bytes" in r.json()["detail"]
     assert node.instance_rows() == []
+
+
+def test_stalled_and_oversized_streams(web_node, ct_series):
+    import socket
+
+    node = web_node(http={"max_request_bytes": 50000, "read_timeout_seconds": 1})
+    path = ct_series(1, rows=32, columns=32)[0]
+    # a chunked body (no Content-Length) that grows past the limit: 413 while streaming, nothing stored
+    def chunks():
+        yield _related([path.read_bytes()])[:-20]
+        for _ in range(10):
+            yield b"x" * 10000
+
+    r = httpx.post(f"{node.dicomweb}/studies", content=chunks(), headers={"Content-Type": CT, **bearer()}, timeout=30)
+    assert r.status_code == 413 and "http.max_request_bytes (50000)" in r.json()["detail"]
+    # a body that stops arriving: 408 after http.read_timeout_seconds
+    with socket.create_connection(("127.0.0.1", node.server.port), timeout=10) as s:
+        s.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRITER_TOKEN}\r\n"
+                   f"Content-Type: {CT}\r\nContent-Length: 40000\r\n\r\n").encode() + b"--b0undary\r\n")
+        answer = s.recv(65536).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408") and "http.read_timeout_seconds" in answer
+    assert node.instance_rows() == [] and not list((node.config.node.data_dir / "tmp").glob("stow-*"))
+    r = httpx.post(f"{node.dicomweb}/studies", content=_related([path.read_bytes()]),
+                   headers={"Content-Type": CT, **bearer()}, timeout=30)
+    assert r.status_code == 200
