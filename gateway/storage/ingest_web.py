@@ -8,7 +8,7 @@ the ingest transaction).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.storage.store import Arrival, Expected, Result, Source, Store
@@ -35,6 +35,8 @@ def ingest_file(store: Store, path: Path, expected_study: str | None, peer: str,
     arrival = Arrival(Source.STOW, peer=peer, identity=identity)
     result = store.ingest(path, arrival, Expected(study_uid=expected_study))
     header = result.header
+    # The header holds up to 1 MiB of the data set: a request of many instances keeps only the UIDs.
+    result = replace(result, header=None)
     if header is None:
         return Ingested(result)
     return Ingested(result, header.sop_class_uid, header.sop_instance_uid, header.series_uid,
