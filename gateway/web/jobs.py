@@ -145,7 +145,18 @@ def state_of(deps: Deps, name: str) -> JobAnswer | None:
     return None
 
 
-@router.post("/jobs", response_model=JobAnswer, status_code=202,
+_ERRORS = {code: {"description": text} for code, text in (
+    (400, "a field is missing or the job is refused (the inbox's sentence)"), (401, "no valid credentials"),
+    (403, "the identity lacks the 'write' scope"), (409, "a job with this name exists"),
+    (413, "larger than http.max_request_bytes"), (415, "not multipart/form-data"))}
+_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["array", "sidecar"],
+    "properties": {"array": {"type": "string", "format": "binary", "description": ".npy or .npz bytes"},
+                   "sidecar": {"type": "string", "format": "binary", "description": "the sidecar YAML"},
+                   "name": {"type": "string", "pattern": NAME.pattern}}}}}}}
+
+
+@router.post("/jobs", response_model=JobAnswer, status_code=202, responses=_ERRORS, openapi_extra=_FORM,
              summary="Submit an AI job: multipart form with 'array' (.npy/.npz), 'sidecar' (YAML), optional 'name'")
 async def post_job(request: Request, identity: Identity = Depends(require_scope("write")),
                    deps: Deps = Depends(get_deps)):

@@ -61,7 +61,8 @@ def test_admin_api_matches_its_openapi_document(api_app):
     """
     loaded = schemathesis.openapi.from_asgi("/api/openapi.json", api_app)
     # this room's operations (the DICOMweb and job-upload ones have their own tests)
-    ops = loaded.include(path_regex=r"^/api/(status|queue|retry|destinations|history|inbox/jobs$)")
+    ops = loaded.include(path_regex=r"^/api/(status|queue|retry|destinations|history|inbox/jobs$)").exclude(
+        method="POST", path="/api/inbox/jobs")
     labels = []
     for result in ops.get_all_operations():
         operation = result.ok()
