@@ -106,10 +106,21 @@ class MalformedCommand(ValueError):
 
 
 def pdv_items(body: bytes) -> Iterator[tuple[int, bytes]]:
-    """(message control header, fragment) of each PDV in a P-DATA-TF PDU's body."""
+    """(message control header, fragment) of each PDV in a P-DATA-TF PDU's body.
+
+    Raises ``MalformedCommand`` for a PDV shorter than its context ID and control header,
+    one running past the PDU, or bytes left over that are no PDV (PS3.8 9.3.5.1).
+    """
     pos = 0
-    while pos + 6 <= len(body):
+    while pos < len(body):
+        if pos + 6 > len(body):
+            raise MalformedCommand(f"a PDV header is cut short ({len(body) - pos} bytes at the end of the PDU)")
         item_len = struct.unpack_from(">I", body, pos)[0]
+        if item_len < 2:
+            raise MalformedCommand(f"a PDV declares {item_len} bytes, less than its own header")
+        if pos + 4 + item_len > len(body):
+            raise MalformedCommand(
+                f"a PDV declares {item_len} bytes but the PDU holds {len(body) - pos - 4} more")
         yield body[pos + 5], body[pos + 6:pos + 4 + item_len]
         pos += 4 + item_len
 

@@ -455,10 +455,18 @@ def read_response(assoc, message_id: int, max_pdu: int) -> tuple[int, str]:
             raise PeerGone("asked to release the association in the middle of a C-STORE")
         if pdu_type != PDATA_TF or length > max_pdu + 6:
             raise PeerGone(f"sent an unexpected PDU (type 0x{pdu_type:02X}, {length} bytes)")
-        for control, data in pdv_items(_recv_exact(sock, length, timer)):
+        try:
+            pdvs = list(pdv_items(_recv_exact(sock, length, timer)))
+        except MalformedCommand as exc:
+            raise PeerGone(f"sent a malformed P-DATA-TF PDU: {exc}") from None
+        for control, data in pdvs:
             if not control & 0x01:
                 raise PeerGone("sent a data set with a C-STORE response")
             command += data
+            if len(command) > MAX_COMMAND_BYTES:
+                raise PeerGone(
+                    f"sent a response command set of more than {MAX_COMMAND_BYTES} bytes "
+                    "(a C-STORE response is a few hundred)")
             if not control & 0x02:
                 continue
             try:

@@ -34,6 +34,9 @@ HEAD_BYTES = 64 * 1024
 #: Most bytes of data set (after the file meta) read for one header; what lies beyond is
 #: not part of the header. Every attribute routing and QIDO use is far inside.
 HEADER_BUDGET = 1024 * 1024
+#: Most elements and sequence items (nested ones included) of one header that pydicom parses
+#: (``Header.dataset``); a CT or MR header holds a few hundred.
+HEADER_ELEMENT_BUDGET = 10_000
 #: Largest File Meta Information group accepted (it holds a few UIDs).
 MAX_META_BYTES = 64 * 1024
 
@@ -85,11 +88,19 @@ def _element_at(buf: bytes, pos: int, explicit: bool, little: bool) -> tuple[int
     return tag, vr, int.from_bytes(buf[pos + 6:pos + 8], order), 8
 
 
-def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool) -> int:
-    """Position after an undefined-length sequence whose items start at ``pos``."""
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool, count: list[int] | None = None) -> int:
+    """Position after an undefined-length sequence whose items start at ``pos``.
+
+    ``count``: a one-element counter of items and elements walked; past ``HEADER_ELEMENT_BUDGET``
+    the walk raises ``_NeedMore`` (the caller stops before this sequence).
+    """
     while True:
         tag, _, length, _ = _element_at(buf, pos, explicit, little)
         pos += 8
+        if count is not None:
+            count[0] += 1
+            if count[0] > HEADER_ELEMENT_BUDGET:
+                raise _NeedMore
         if tag == _SEQ_END:
             return pos
         if tag != _ITEM:
@@ -103,10 +114,12 @@ def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool) -> int:
                 pos += 8
                 break
             pos += header
+            if count is not None:
+                count[0] += 1
             if length == _UNDEFINED:
                 if explicit and vr not in (b"SQ", b"UN"):
                     raise _Odd
-                pos = _skip_sequence(buf, pos, explicit, little)
+                pos = _skip_sequence(buf, pos, explicit, little, count)
             else:
                 pos += length
 
@@ -137,17 +150,27 @@ def _read_uids(buf: bytes, explicit: bool, little: bool, whole: bool) -> dict[st
 
 
 def _complete_prefix(buf: bytes, explicit: bool, little: bool) -> int:
-    """Length of the run of whole top-level elements at the start of ``buf``, up to Pixel Data."""
+    """Length of the run of whole top-level elements at the start of ``buf``, up to Pixel Data.
+
+    At most ``HEADER_ELEMENT_BUDGET`` elements and sequence items (nested ones included):
+    pydicom builds an object for each, about a millisecond and a few hundred bytes apiece, so
+    a data set of nothing but empty items would otherwise cost a minute of CPU and a hundred
+    MB per header. What lies past the budget is not part of the header.
+    """
     pos = 0
+    count = [0]
     while pos < len(buf):
         try:
             tag, vr, length, header = _element_at(buf, pos, explicit, little)
             if tag >= PIXEL_DATA_TAG:
                 return pos
+            count[0] += 1
+            if count[0] > HEADER_ELEMENT_BUDGET:
+                return pos
             if length == _UNDEFINED:
                 if explicit and vr not in (b"SQ", b"UN"):
                     return pos
-                end = _skip_sequence(buf, pos + header, explicit, little)
+                end = _skip_sequence(buf, pos + header, explicit, little, count)
             else:
                 end = pos + header + length
         except (_NeedMore, _Odd):
