@@ -137,3 +137,30 @@ def test_bad_rules_fail_check_config_with_their_key_paths(tmp_path):
     ], lines
     assert lines[3].endswith("must name a destination under 'destinations' (ai), got 'pacs'")
     assert lines[0].endswith("got 'BodyPart'")
+
+
+def test_stow_rs_instances_are_routed_by_the_same_rules(tmp_path, orthanc, gateway_factory):
+    from dicomweb_client.api import DICOMwebClient
+
+    gw = gateway_factory(
+        destinations={"ai": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        routes={"rules": [
+            {"name": "mr-to-ai", "match": {"modality": "MR"}, "destinations": ["ai"]},
+            {"name": "from-ct01", "match": {"calling_ae_title": "CT01"}, "destinations": ["ai"]},
+        ]},
+    )
+    study = pydicom.uid.generate_uid()
+    mr = make_series(tmp_path / "mr", 2, "MR", study_uid=study)
+    ct = make_series(tmp_path / "ct", 2, "CT", study_uid=study)
+    client = DICOMwebClient(f"{gw.http_url}/dicom-web")
+    client.store_instances([pydicom.dcmread(p) for p in mr + ct])
+
+    def settled():
+        report = json.loads(gw.cli("status", "--json").stdout)
+        totals = report["queue_totals"]
+        return report if totals["pending"] == totals["sending"] == 0 and totals["sent"] else None
+
+    report = wait_until(settled, 60, 0.2, "the queue to drain")
+    assert orthanc_uids(orthanc) == uids(mr)  # STOW-RS has no calling AE title: from-ct01 never matches
+    assert report["rules"]["mr-to-ai"]["matches"] == 2 and report["rules"]["from-ct01"]["matches"] == 0
+    assert f"routed SOP {sorted(uids(ct))[0]} to no destination (no rule matched)" in gw.log()
