@@ -3,7 +3,7 @@
 Three senders, interleaved over rounds with the order rotated, each to a freshly emptied
 target Orthanc (DICOMweb plugin):
 
-- gateway: one ``DicomwebSender`` pass over the queued corpus in a child process (stored files
+- gateway: one ``Sender`` pass over the queued corpus in a child process (stored files
   streamed as they are, ``max_request_bytes`` per request, one kept-alive connection);
 - dicomweb-client: ``DICOMwebClient.store_instances`` with 50 data sets per call, in a child
   process that reads the files with pydicom first (that client takes data sets);
@@ -37,10 +37,10 @@ def _peak_rss_mb() -> float:
 def gateway_pass(config_path: str, dest: str) -> None:
     """Child: one DICOMweb sender pass over everything queued for ``dest``; prints JSON."""
     from gateway import config as config_mod
-    from gateway.forward.dicomweb_sender import DicomwebSender
+    from gateway.forward.sender import Sender
 
     config = config_mod.load(config_path)
-    sender = DicomwebSender(config, dest)
+    sender = Sender(config, dest)
     start = time.monotonic()
     sent = sender.run_once()
     elapsed = time.monotonic() - start

@@ -36,6 +36,10 @@ class UnreadableHeader(GiveUp):
     """A file is not a DICOM Part 10 file, or its file meta cannot be used."""
 
 
+class PeerGone(RetryLater):
+    """A DICOM peer aborted, asked to release or broke the protocol while we waited for it."""
+
+
 class StorageFull(RetryLater):
     """The store is below its free-space floor or the disk is full."""
 

@@ -29,11 +29,7 @@ log = logging.getLogger("gateway.service")
 
 
 def _sender(config: Config, name: str, audit):
-    """The sender for a destination's type: C-STORE (dimse) or STOW-RS (dicomweb)."""
-    if config.destinations[name].type == "dicomweb":
-        from gateway.forward.dicomweb_sender import DicomwebSender
-
-        return DicomwebSender(config, name, audit=audit)
+    """The destination's sender; its transport follows the type (C-STORE or STOW-RS)."""
     from gateway.forward import sender as forward
 
     return forward.Sender(config, name, audit=audit)

@@ -42,6 +42,8 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO, Callable
@@ -57,6 +59,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from gateway.errors import PeerGone
 from gateway.dimse.codec import (
     ABORT,
     PDATA_HEAD,
@@ -383,6 +386,38 @@ def give_back_socket(assoc) -> None:
     assoc.dul.__dict__.pop("_is_transport_event", None)
 
 
+class DirectLink:
+    """C-STORE requests and responses over a taken association socket (see ``direct_socket``)."""
+
+    def __init__(self, assoc):
+        self._assoc = assoc
+
+    def write_message(self, context_id: int, command: bytes, source: BinaryIO, length: int) -> None:
+        write_message(self._assoc, context_id, command, source, length)
+
+    def read_response(self, message_id: int, max_pdu: int) -> tuple[int, str]:
+        return read_response(self._assoc, message_id, max_pdu)
+
+
+@contextmanager
+def direct_socket(assoc, timeout: float) -> Iterator[DirectLink]:
+    """Take an established association's socket from its DUL thread, give it back on exit.
+
+    Inside, requests and responses go straight over the socket (``write_message`` and
+    ``read_response`` through the yielded link), every send and wait bounded by ``timeout``.
+    Release or abort the association only after the block: the DUL must see those.
+    Raises ``errors.PeerGone`` when the DUL thread did not hand the socket over (it died).
+    """
+    try:
+        if not take_socket(assoc):
+            raise PeerGone("stopped answering before the first request")
+        # bounds write_message's sendall; the DUL only reads after select says data is there
+        assoc.dul.socket.socket.settimeout(timeout)
+        yield DirectLink(assoc)
+    finally:
+        give_back_socket(assoc)
+
+
 def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, length: int) -> None:
     """Write a C-STORE request as P-DATA-TF PDUs straight to the association's socket.
 
@@ -419,10 +454,6 @@ def write_message(assoc, context_id: int, command: bytes, source: BinaryIO, leng
         timer.restart()
         if not remaining:
             return
-
-
-class PeerGone(Exception):
-    """The peer aborted, asked to release or broke the protocol while we waited."""
 
 
 def _recv_exact(sock, n: int, timer) -> bytes:

@@ -21,12 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -42,6 +37,7 @@ from gateway.dimse.guard import ConnectionGuard
 from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
 from gateway.dimse.spool import Spooler, clean_spool
 from gateway.routing.router import Router
+from gateway.storage.header import UNCOMPRESSED
 from gateway.storage.store import (
     Arrival,
     Expected,
@@ -303,8 +299,7 @@ def _preferred_transfer_syntaxes() -> list[str]:
     uncompressed ones); accepting an uncompressed one would make it decompress, or fail on a
     codec it lacks. Compressed first keeps every instance as it was sent.
     """
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+    uncompressed = [*UNCOMPRESSED[:2], DeflatedExplicitVRLittleEndian, *UNCOMPRESSED[2:]]
     compressed = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in uncompressed]
     return compressed + [ts for ts in uncompressed if ts in ALL_TRANSFER_SYNTAXES]
 

@@ -1,7 +1,8 @@
 """Forwarding to a DICOMweb destination: STOW-RS requests over one kept-alive HTTP connection.
 
-The transport sends a list of stored instances as as few requests as ``max_request_bytes``
-allows and returns one ``stowrs.Outcome`` per instance: it splits a request the server finds
+The transport (``send``: queue items in, one ``outcome.Outcome`` per item out, the interface
+``forward.sender`` drives) sends a list of stored instances as as few requests as ``max_request_bytes``
+allows and returns one ``outcome.Outcome`` per instance: it splits a request the server finds
 too large (413), refreshes a credential once after a 401, and turns every network failure
 into a retry with the reason. ``echo`` checks a destination with one QIDO-RS query.
 """
@@ -21,9 +22,10 @@ import httpx
 
 from gateway.config import DicomwebDestinationConfig, HttpTlsConfig
 from gateway.errors import AuthRefused, RetryLater
-from gateway.forward import stowrs
+from gateway.forward import outcome, stowrs
 from gateway.forward.dicomweb_auth import describe_http_error, make_credential
-from gateway.forward.stowrs import Outcome, Part, Verdict
+from gateway.forward.outcome import Outcome, Verdict
+from gateway.forward.stowrs import Part
 
 log = logging.getLogger("gateway.forward")
 
@@ -70,12 +72,14 @@ class DicomwebTransport:
         dest: DicomwebDestinationConfig,
         *,
         connect_timeout: float = 10.0,
+        data_dir: Path = Path("."),
         clock: Callable[[], float] = time.time,
         boundary: Callable[[], str] = lambda: f"dicom-gateway-{uuid.uuid4().hex}",
     ):
         self.name = name
         self.dest = dest
         self.connect_timeout = connect_timeout
+        self.data_dir = Path(data_dir)  # stored paths in queue items are relative to it
         self._clock = clock
         self._boundary = boundary
         self._client: httpx.Client | None = None
@@ -163,7 +167,16 @@ class DicomwebTransport:
 
     # ---------------------------------------------------------------- many instances
 
-    def send(self, parts: list[Part], stopping: Callable[[], bool] = lambda: False):
+    def send(self, items: list, stopping: Callable[[], bool] = lambda: False):
+        """The transport interface (``forward.sender``): yield (item, outcome) lists, request by request."""
+        by_id = {item.id: item for item in items}
+        parts, missing = parts_for(items, self.data_dir)
+        if missing:
+            yield [(item, outcome.missing(item.path)) for item in missing]
+        for results in self.send_parts(parts, stopping):
+            yield [(by_id[part.item_id], result) for part, result in results]
+
+    def send_parts(self, parts: list[Part], stopping: Callable[[], bool] = lambda: False):
         """Yield, request by request, the list of (part, outcome) for its parts.
 
         A request whose instances all got the same retry (server down, 5xx, 429, timeout) ends

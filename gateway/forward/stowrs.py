@@ -10,13 +10,14 @@ with its size.
 from __future__ import annotations
 
 import email.utils
-import enum
 import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.forward.outcome import Outcome, Verdict
 
 #: How much of a stored file one read takes; bounds what a request holds in memory.
 CHUNK_BYTES = 1024 * 1024
@@ -36,14 +37,6 @@ _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
 
 
-class Verdict(str, enum.Enum):
-    SENT = "sent"  # the server holds the instance (Referenced SOP Sequence)
-    RETRY = "retry"  # try again after backoff (transient: resources, 5xx, 429, no answer)
-    FAILED = "failed"  # the server refused it for good; the reason says why
-    SPLIT = "split"  # 413: the request was too large, send its halves
-    REAUTH = "reauth"  # 401: refresh the credential once and resend, else failed
-
-
 @dataclass(frozen=True)
 class Part:
     """One instance of a request: its queue id, SOP Instance UID and stored file."""
@@ -52,14 +45,6 @@ class Part:
     sop_instance_uid: str
     path: Path
     size: int
-
-
-@dataclass(frozen=True)
-class Outcome:
-    verdict: Verdict
-    reason: str | None = None
-    #: Seconds the server asked us to wait (429/503 Retry-After), or None.
-    retry_after: float | None = None
 
 
 class Unparseable(ValueError):

@@ -25,7 +25,12 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from gateway.errors import UnreadableHeader
 
@@ -39,6 +44,11 @@ HEADER_BUDGET = 1024 * 1024
 HEADER_ELEMENT_BUDGET = 10_000
 #: Largest File Meta Information group accepted (it holds a few UIDs).
 MAX_META_BYTES = 64 * 1024
+
+#: The transfer syntaxes with native (uncompressed) pixel data, preferred first: pydicom
+#: converts between them without a codec. (Deflated Explicit VR Little Endian is native too,
+#: once inflated.)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 PIXEL_DATA_TAG = 0x7FE00010
 #: Series Instance UID: the last of the identifying UIDs; the fast walk stops after it.

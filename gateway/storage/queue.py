@@ -46,6 +46,27 @@ def backoff_seconds(
     return base * (0.5 + 0.5 * rand())
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failed item is tried again (``retry.*``), as a value."""
+
+    max_attempts: int
+    initial_seconds: float
+    max_seconds: float
+    rand: Callable[[], float] = random.random
+
+    @classmethod
+    def from_config(cls, retry, rand: Callable[[], float] = random.random) -> RetryPolicy:
+        return cls(retry.max_attempts, retry.initial_backoff_seconds, retry.max_backoff_seconds, rand)
+
+    def delay(self, attempts: int) -> float:
+        return backoff_seconds(attempts, self.initial_seconds, self.max_seconds, self.rand)
+
+    def final(self, attempts: int) -> bool:
+        """True when the ``attempts``-th failure is the last one allowed."""
+        return attempts >= self.max_attempts
+
+
 def enqueue(
     conn: sqlite3.Connection, destinations: Iterable[str], sop_instance_uid: str, now: float
 ) -> None:
@@ -114,24 +135,26 @@ def mark_attempt_failed(
     item_id: int,
     error: str,
     now: float,
-    max_attempts: int,
-    delay: Callable[[int], float],
+    policy: RetryPolicy,
     permanent: bool = False,
+    at_least: float | None = None,
 ) -> State:
-    """Record a failed attempt: back to pending after ``delay(attempts)``, or failed for good."""
+    """Record a failed attempt: back to pending after the policy's delay (at least ``at_least``
+    seconds, when the destination asked), or failed for good."""
     row = conn.execute("SELECT attempts FROM queue WHERE id = ?", (item_id,)).fetchone()
     attempts = (row["attempts"] if row else 0) + 1
-    if permanent or attempts >= max_attempts:
+    if permanent or attempts >= policy.max_attempts:
         conn.execute(
             "UPDATE queue SET state = 'failed', attempts = ?, last_error = ?, updated_at = ? "
             "WHERE id = ?",
             (attempts, error, now, item_id),
         )
         return State.FAILED
+    delay = max(policy.delay(attempts), at_least or 0.0)
     conn.execute(
         "UPDATE queue SET state = 'pending', attempts = ?, last_error = ?, next_attempt_at = ?, "
         "updated_at = ? WHERE id = ?",
-        (attempts, error, now + delay(attempts), now, item_id),
+        (attempts, error, now + delay, now, item_id),
     )
     return State.PENDING
 

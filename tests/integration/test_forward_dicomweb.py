@@ -20,7 +20,7 @@ import yaml
 
 from gateway import audit as audit_trail
 from gateway import config as config_mod
-from gateway.forward.dicomweb_sender import DicomwebSender
+from gateway.forward.sender import Sender
 from gateway.storage import db, queue, sendfiles
 from tests.conftest import gateway_config, wait_until
 from tests.integration.dicomweb_peers import (
@@ -251,15 +251,15 @@ def test_https_with_a_test_ca_verified_by_default_refused_on_a_wrong_ca(tmp_path
 # --------------------------------------------------------------------------- a scripted server
 
 
-def sender_for(tmp_path: Path, dest: dict, clock=time.time, **sections) -> tuple[DicomwebSender, Path]:
+def sender_for(tmp_path: Path, dest: dict, clock=time.time, **sections) -> tuple[Sender, Path]:
     folder = tmp_path / "gw"
     folder.mkdir(parents=True, exist_ok=True)
     sections.setdefault("retry", {"max_attempts": 5, "initial_backoff_seconds": 1, "max_backoff_seconds": 2})
     cfg = config_mod.load(gateway_config(folder, destinations={"web": dest}, **sections))
-    return DicomwebSender(cfg, "web", clock=clock, rand=lambda: 1.0), cfg.db_path
+    return Sender(cfg, "web", clock=clock, rand=lambda: 1.0), cfg.db_path
 
 
-def queue_all(sender: DicomwebSender, paths) -> list[str]:
+def queue_all(sender: Sender, paths) -> list[str]:
     report = sendfiles.queue_files(sender.config, "web", [paths[0].parent])
     assert report.queued == len(paths) and not report.problems
     return [uid_of(p) for p in paths]

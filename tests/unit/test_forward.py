@@ -12,7 +12,7 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from gateway.forward import sender as forward
+from gateway.forward import dimse as forward
 from gateway.storage.queue import Item
 
 

@@ -41,9 +41,10 @@ def claim(conn, dest="pacs", now=100.0, limit=100):
         return queue.claim_due(conn, dest, now, limit)
 
 
-def fail(conn, item_id, now=100.0, max_attempts=3, delay=lambda n: 10.0 * n, permanent=False):
+def fail(conn, item_id, now=100.0, max_attempts=3, permanent=False, at_least=None):
+    policy = queue.RetryPolicy(max_attempts, 10.0, 600.0, rand=lambda: 1.0)  # 10 s, then 20 s, ...
     with db.transaction(conn):
-        return queue.mark_attempt_failed(conn, item_id, "peer down", now, max_attempts, delay, permanent)
+        return queue.mark_attempt_failed(conn, item_id, "peer down", now, policy, permanent, at_least)
 
 
 # --------------------------------------------------------------------------- backoff
@@ -145,6 +146,13 @@ def test_failed_attempts_back_off_then_fail_with_the_last_error(conn):
     r = row(conn, "1.1")
     assert (r["state"], r["attempts"], r["last_error"]) == ("failed", 3, "peer down")
     assert claim(conn, now=10_000) == []
+
+
+def test_a_destination_asking_for_a_longer_wait_gets_it(conn):
+    add(conn, "1.1")
+    (item,) = claim(conn, now=100)
+    assert fail(conn, item.id, now=100, at_least=300) == State.PENDING
+    assert row(conn, "1.1")["next_attempt_at"] == 400
 
 
 def test_a_permanent_refusal_fails_at_once(conn):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.forward import stowrs
-from gateway.forward.stowrs import Outcome, Part, Verdict
+from gateway.forward.outcome import Outcome, Verdict
+from gateway.forward.stowrs import Part
 
 
 def make_parts(tmp_path: Path, sizes: list[int]) -> list[Part]:
