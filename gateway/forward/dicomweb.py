@@ -46,13 +46,14 @@ def ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def make_client(dest: DicomwebDestinationConfig, connect_timeout: float) -> httpx.Client:
-    """One connection, kept alive between requests and passes."""
+def make_client(dest: DicomwebDestinationConfig, connect_timeout: float, url: str | None = None) -> httpx.Client:
+    """One connection, kept alive between requests and passes, to ``url`` (default: the destination's)."""
     return httpx.Client(
         # Nagle would hold each request's small closing boundary until the server's delayed
         # ACK (~40 ms per request here): small writes go out at once.
         transport=httpx.HTTPTransport(
-            verify=ssl_context(dest.tls), retries=0,
+            # plain http never uses it: no CA store loaded for nothing
+            verify=ssl_context(dest.tls) if (url or dest.url).startswith("https:") else False, retries=0,
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         ),
@@ -83,7 +84,8 @@ class DicomwebTransport:
         self._clock = clock
         self._boundary = boundary
         self._client: httpx.Client | None = None
-        self.credential = make_credential(dest.auth, lambda: make_client(dest, connect_timeout))
+        token_url = getattr(dest.auth, "token_url", None)
+        self.credential = make_credential(dest.auth, lambda: make_client(dest, connect_timeout, token_url))
         self.requests = 0  # STOW-RS requests made (tests and benches read it)
 
     @property
