@@ -30,10 +30,7 @@ def read_dataset(path: Path):
     return read_header(path).dataset
 
 
-def ingest_file(store: Store, path: Path, expected_study: str | None, peer: str, identity: str) -> Ingested:
-    """Check and store the file at ``path`` (moved into the store on success, removed otherwise)."""
-    arrival = Arrival(Source.STOW, peer=peer, identity=identity)
-    result = store.ingest(path, arrival, Expected(study_uid=expected_study))
+def _ingested(result: Result) -> Ingested:
     header = result.header
     # The header holds up to 1 MiB of the data set: a request of many instances keeps only the UIDs.
     result = replace(result, header=None)
@@ -41,3 +38,17 @@ def ingest_file(store: Store, path: Path, expected_study: str | None, peer: str,
         return Ingested(result)
     return Ingested(result, header.sop_class_uid, header.sop_instance_uid, header.series_uid,
                     header.study_uid)
+
+
+def ingest_files(store: Store, paths: list[Path], expected_study: str | None, peer: str,
+                 identity: str) -> list[Ingested]:
+    """``ingest_file`` for the parts of one request: placed in parallel, indexed in one transaction."""
+    arrival = Arrival(Source.STOW, peer=peer, identity=identity)
+    expected = Expected(study_uid=expected_study)
+    return [_ingested(r) for r in store.ingest_many([(p, arrival, expected) for p in paths])]
+
+
+def ingest_file(store: Store, path: Path, expected_study: str | None, peer: str, identity: str) -> Ingested:
+    """Check and store the file at ``path`` (moved into the store on success, removed otherwise)."""
+    arrival = Arrival(Source.STOW, peer=peer, identity=identity)
+    return _ingested(store.ingest(path, arrival, Expected(study_uid=expected_study)))

@@ -210,6 +210,34 @@ class Store:
             discard(path)
         return result
 
+    def ingest_many(self, items: list[tuple[Path, Arrival, Expected | None]], workers: int = 4) -> list[Result]:
+        """``ingest`` for several files at once (a STOW-RS request): headers read and files placed
+        by ``workers`` threads (their fsyncs overlap), then ONE transaction indexes and queues all
+        of them. Results in the order of ``items``; each file is ours as in ``ingest``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def prepare(item):
+            path, arrival, expected = Path(item[0]), item[1], item[2] or Expected()
+            try:
+                return self._prepare(path, arrival, expected, None)
+            except BaseException:
+                discard(path)
+                raise
+
+        if len(items) > 1 and workers > 1:
+            with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="ingest") as pool:
+                prepared = list(pool.map(prepare, items))
+        else:
+            prepared = [prepare(item) for item in items]
+        committed = iter(self._commit([p for p in prepared if isinstance(p, _Placed)]))
+        out = []
+        for (path, _, _), p in zip(items, prepared):
+            result = next(committed) if isinstance(p, _Placed) else p
+            if result.outcome is not Outcome.STORED and result.path is None:
+                discard(Path(path))
+            out.append(result)
+        return out
+
     def ingest_written(self, write: Callable[[BinaryIO], None], arrival: Arrival,
                        expected: Expected | None = None) -> Result:
         """``ingest`` for a file we write first: ``write(f)`` writes the Part 10 file (a derived
@@ -246,6 +274,11 @@ class Store:
     # ------------------------------------------------------------------ the steps
 
     def _ingest(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result:
+        placed = self._prepare(path, arrival, expected, head)
+        return self._commit([placed])[0] if isinstance(placed, _Placed) else placed
+
+    def _prepare(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result | _Placed:
+        """Read, check, route and place one file: a refusal ``Result``, or what to commit."""
         try:
             header = read_header(path, head)
         except UnreadableHeader as exc:
@@ -286,32 +319,57 @@ class Store:
             dataset_offset=header.dataset_offset,
             source=arrival.source.value,
         )
+        return _Placed(header, target, size, record, decision, arrival, now)
+
+    def _commit(self, placed: list[_Placed]) -> list[Result]:
+        """Index and queue placed files in ONE transaction; all STORED, or none (files stay)."""
+        if not placed:
+            return []
         try:
             with self._db_lock, db.transaction(self.conn):
-                index.record_instance(self.conn, record)
-                queue.enqueue(self.conn, decision.destinations, sop, now)
-                if arrival.source is Source.DERIVED and arrival.job is not None:
-                    jobs.mark_done(self.conn, arrival.job, sop, header.series_uid, now)
-                for indexer in self.indexers:
-                    try:
-                        indexer(self.conn, header)
-                    except sqlite3.Error:
-                        raise
-                    except Exception as exc:  # odd values: stored and queued all the same
-                        log.warning("SOP %s: %s could not index it: %r", sop,
-                                    getattr(indexer, "__name__", indexer), exc)
-                if decision.in_transaction is not None:
-                    decision.in_transaction(self.conn)
+                for p in placed:
+                    sop, header, decision, arrival = p.record.sop_instance_uid, p.header, p.decision, p.arrival
+                    index.record_instance(self.conn, p.record)
+                    queue.enqueue(self.conn, decision.destinations, sop, p.now)
+                    if arrival.source is Source.DERIVED and arrival.job is not None:
+                        jobs.mark_done(self.conn, arrival.job, sop, header.series_uid, p.now)
+                    for indexer in self.indexers:
+                        try:
+                            indexer(self.conn, header)
+                        except sqlite3.Error:
+                            raise
+                        except Exception as exc:  # odd values: stored and queued all the same
+                            log.warning("SOP %s: %s could not index it: %r", sop,
+                                        getattr(indexer, "__name__", indexer), exc)
+                    if decision.in_transaction is not None:
+                        decision.in_transaction(self.conn)
         except sqlite3.Error as exc:
-            # The file stays (a resend replaces it); without a row it is not acknowledged.
+            # The files stay (a resend replaces them); without rows they are not acknowledged.
             if "full" in str(exc).lower():
-                return Result(Outcome.NO_SPACE, "the database disk is full; free space", sop, target,
-                              header=header)
-            return Result(Outcome.FAILED, f"cannot index the instance: {exc}", sop, target, header=header)
-        if decision.log_line:
-            log.info("%s", decision.log_line)
-        return Result(Outcome.STORED, "", sop, target, size, decision.destinations,
-                      decision.rules, header)
+                return [Result(Outcome.NO_SPACE, "the database disk is full; free space", p.record.sop_instance_uid,
+                               p.target, header=p.header) for p in placed]
+            return [Result(Outcome.FAILED, f"cannot index the instance: {exc}", p.record.sop_instance_uid,
+                           p.target, header=p.header) for p in placed]
+        results = []
+        for p in placed:
+            if p.decision.log_line:
+                log.info("%s", p.decision.log_line)
+            results.append(Result(Outcome.STORED, "", p.record.sop_instance_uid, p.target, p.size,
+                                  p.decision.destinations, p.decision.rules, p.header))
+        return results
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A file checked and placed in the store, waiting for its index transaction."""
+
+    header: Header
+    target: Path
+    size: int
+    record: index.InstanceRecord
+    decision: RouteDecision
+    arrival: Arrival
+    now: float
 
 
 def _check(header: Header, expected: Expected) -> Result | None:

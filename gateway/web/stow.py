@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,32 +74,27 @@ class PartOutcome:
     study_uid: str | None = None
 
 
-#: Parts of one request ingested at once: their file and folder fsyncs overlap.
-INGEST_WORKERS = 4
-
-
-def _ingest_one(deps: Deps, part: Part, study: str | None, peer: str, identity: str) -> PartOutcome:
-    if part.problem:
-        kind = Outcome.NO_SPACE if part.out_of_resources else Outcome.FAILED
-        return PartOutcome(part, Result(kind, part.problem))
-    ctype = part.content_type
-    if ctype and ctype != "application/dicom":
-        part.discard()
-        return PartOutcome(part, Result(Outcome.UNREADABLE, f"part {part.index + 1} is {ctype}, not application/dicom"))
-    got = ingest_web.ingest_file(deps.store, part.path, expected_study=study, peer=peer, identity=identity)
-    part.path = None if got.result.outcome is Outcome.STORED else part.path
-    part.discard()
-    return PartOutcome(part, got.result, got.sop_class_uid, got.sop_instance_uid, got.series_uid,
-                       got.study_uid)
-
-
 def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, identity: str) -> list[PartOutcome]:
-    """Ingest every spooled part (worker threads); a part's problem never stops the others."""
-    if len(parts) == 1:
-        outcomes = [_ingest_one(deps, parts[0], study, peer, identity)]
-    else:
-        with ThreadPoolExecutor(min(INGEST_WORKERS, len(parts)), thread_name_prefix="stow") as pool:
-            outcomes = list(pool.map(lambda p: _ingest_one(deps, p, study, peer, identity), parts))
+    """Ingest every spooled part (worker threads: files placed in parallel, indexed in one transaction);
+    a part's problem never stops the others."""
+    outcomes: list[PartOutcome | None] = [None] * len(parts)
+    todo = []
+    for i, part in enumerate(parts):
+        ctype = part.content_type
+        if part.problem:
+            kind = Outcome.NO_SPACE if part.out_of_resources else Outcome.FAILED
+            outcomes[i] = PartOutcome(part, Result(kind, part.problem))
+        elif ctype and ctype != "application/dicom":
+            part.discard()
+            outcomes[i] = PartOutcome(part, Result(Outcome.UNREADABLE,
+                                                   f"part {part.index + 1} is {ctype}, not application/dicom"))
+        else:
+            todo.append(i)
+    got = ingest_web.ingest_files(deps.store, [parts[i].path for i in todo], study, peer, identity)
+    for i, g in zip(todo, got):
+        parts[i].path = None  # moved into the store or removed by the ingest
+        outcomes[i] = PartOutcome(parts[i], g.result, g.sop_class_uid, g.sop_instance_uid, g.series_uid,
+                                  g.study_uid)
     queued = {name for o in outcomes for name in o.result.queued_for}
     if queued:
         try:

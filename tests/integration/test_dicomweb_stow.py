@@ -120,7 +120,10 @@ def test_stalled_and_oversized_streams(web_node, ct_series):
     with socket.create_connection(("127.0.0.1", node.server.port), timeout=10) as s:
         s.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRITER_TOKEN}\r\n"
                    f"Content-Type: {CT}\r\nContent-Length: 40000\r\n\r\n").encode() + b"--b0undary\r\n")
-        answer = s.recv(65536).decode(errors="replace")
+        answer = b""
+        while chunk := s.recv(65536):  # the server answers and closes the connection
+            answer += chunk
+        answer = answer.decode(errors="replace")
     assert answer.startswith("HTTP/1.1 408") and "http.read_timeout_seconds" in answer
     assert node.instance_rows() == [] and not list((node.config.node.data_dir / "tmp").glob("stow-*"))
     r = httpx.post(f"{node.dicomweb}/studies", content=_related([path.read_bytes()]),
