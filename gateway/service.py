@@ -40,7 +40,8 @@ def run(config: Config, stop: threading.Event | None = None,
     """Run until ``stop`` is set (SIGTERM/SIGINT set it); return the exit code.
 
     ``crash_hook`` is a test seam: called with a point's name at the trigger export's crash
-    points (``routing.export.CRASH_POINTS``); production passes None.
+    points (``routing.export.CRASH_POINTS``) and the inbox's (``inbox.CHECKPOINTS``);
+    production passes None.
     """
     import pydicom
 
@@ -100,7 +101,8 @@ def _run_locked(config: Config, stop: threading.Event | None,
         if job is not None:
             job.modify(next_run_time=datetime.now(job.trigger.timezone))
 
-    poller = inbox.Inbox(config, on_queued=wake_senders)
+    poller = inbox.Inbox(config, on_queued=wake_senders,
+                         checkpoint=crash_hook or (lambda point: None))
     watcher = InboxWatcher(config.inbox.path, poller.run_once) if config.inbox.watch_events else None
     series_triggers = (SeriesTriggers(config, on_fired=lambda: wake("webhooks"), crash_hook=crash_hook)
                        if config.triggers else None)

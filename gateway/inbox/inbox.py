@@ -12,179 +12,45 @@ marked done, so the job runs again; its UIDs are derived from the job's name and
 time, so the rerun rewrites the same file instead of leaving a second one. A crash after the
 commit leaves a done row, and the next poll only finishes the move.
 
-Test-only hook: ``GATEWAY_TEST_CRASH_AT`` = ``before_encode`` | ``after_store`` |
-``after_commit`` | ``before_move`` makes the process SIGKILL itself at that point of a job,
-so the integration tests can prove the exactly-once promise. Never set it in production.
+Test hook: ``checkpoint(point)`` is called at each of ``CHECKPOINTS`` of a job; the
+integration tests pass one that SIGKILLs the process there, to prove the exactly-once promise.
+
+Files (finding, reading, moving) are ``inbox.jobfiles``; job rows are ``storage.jobs``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import signal
 import sqlite3
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import numpy.lib.format as npformat
 import yaml
 from pydicom.uid import generate_uid
 
-from gateway.storage import db, files, index, jobs
-from gateway.storage.datadir import make_dir, restrict
+from gateway.storage import db, index, jobs
+from gateway.storage.datadir import make_dir
 from gateway.storage.header import read_header
 from gateway.storage.jobs import JobState
 from gateway.routing.router import Router
 from gateway.storage.store import Arrival, Outcome, Source, Store
 from gateway.derive import derive
-from gateway.inbox import sidecar
+from gateway.inbox import jobfiles, sidecar
+from gateway.inbox.jobfiles import JobFiles
 from gateway.config import Config
 from gateway.errors import GiveUp, JobError, RetryLater, StorageFull, UnreadableHeader
 
 log = logging.getLogger("gateway.inbox")
 
-ARRAY_SUFFIXES = (".npy", ".npz")
-SIDECAR_SUFFIX = ".yaml"
-IGNORED_SUFFIXES = (".tmp", ".part")
-CRASH_ENV = "GATEWAY_TEST_CRASH_AT"
-CRASH_POINTS = ("before_encode", "after_store", "after_commit", "before_move")
-#: Bytes read from the start of a file to tell what it is (npy magic / zip header).
-_MAX_SIDECAR_READ = sidecar.MAX_SIDECAR_BYTES + 1
-
-
-# --------------------------------------------------------------------------- reading job files
-
-
-def ignored(name: str) -> bool:
-    """Hidden and partial files are never jobs (writers use them while writing)."""
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
-
-
-def safe_path(folder: Path, path: Path) -> Path:
-    """``path`` itself, or its target if it is a symlink that stays inside ``folder``."""
-    if not path.is_symlink():
-        return path
-    target = path.resolve()
-    root = folder.resolve()
-    if target != root and root not in target.parents:
-        raise JobError(
-            f"{path.name} is a symlink leading outside the inbox (to {target}); copy the file "
-            "into the inbox instead"
-        )
-    return target
-
-
-def _read_error(path: Path, exc: OSError) -> JobError:
-    reason = exc.strerror or str(exc)
-    return JobError(f"cannot read {path.name}: {reason}; make it a readable file in the inbox")
-
-
-def read_sidecar(path: Path) -> sidecar.Job:
-    """Read and parse a sidecar file (at most 64 KiB are read)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_SIDECAR_READ)
-    except OSError as exc:
-        raise _read_error(path, exc) from None
-    if len(data) > sidecar.MAX_SIDECAR_BYTES:
-        raise JobError(
-            f"the sidecar {path.name} is larger than the 64 KiB limit; it should hold only the "
-            "job's keys"
-        )
-    return sidecar.parse(data)
-
-
-def _check_header(fp, size: int, name: str) -> None:
-    """Refuse before allocating: object arrays, and data shorter than the header promises."""
-    major, _minor = npformat.read_magic(fp)
-    read = npformat.read_array_header_1_0 if major == 1 else npformat.read_array_header_2_0
-    shape, _fortran, dtype = read(fp, max_header_size=10_000)
-    if dtype.hasobject:
-        raise ValueError("object arrays need pickle")
-    promised = math.prod(shape) * dtype.itemsize
-    held = size - fp.tell()
-    if held < promised:
-        raise JobError(
-            f"{name} is truncated: its header promises {promised} bytes of {dtype} {shape} but it "
-            f"holds {max(held, 0)}; write the whole array, then the sidecar"
-        )
-
-
-def load_array(path: Path) -> np.ndarray:
-    """Load a ``.npy``, or a ``.npz`` holding exactly one array; pickles are never allowed.
-
-    The header is checked against the data actually present before anything is allocated,
-    so a corrupt or truncated file cannot make the gateway reserve absurd amounts of memory.
-    """
-    what = f"{path.name} is not a readable NumPy {path.suffix} file"
-    try:
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir()]
-                if len(members) != 1:
-                    names = ", ".join(m.filename.removesuffix(".npy") for m in members[:5])
-                    raise JobError(
-                        f"{path.name} holds {len(members)} arrays ({names or 'none'}); a job's "
-                        ".npz must hold exactly one"
-                    )
-                with zf.open(members[0]) as member:
-                    _check_header(member, members[0].file_size, path.name)
-            with np.load(path, allow_pickle=False) as npz:
-                arr = npz[npz.files[0]]
-        else:
-            with open(path, "rb") as fp:
-                _check_header(fp, os.fstat(fp.fileno()).st_size, path.name)
-            arr = np.load(path, allow_pickle=False)
-    except JobError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise JobError(
-                f"{path.name} holds Python objects (it needs pickle, which the gateway never "
-                "loads); save a plain numeric array"
-            ) from None
-        raise JobError(f"{what} ({exc})") from None
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise JobError(f"{what} ({exc or 'truncated'})") from None
-    except (IsADirectoryError, PermissionError, FileNotFoundError) as exc:
-        raise _read_error(path, exc) from None
-    except OSError as exc:
-        raise JobError(f"{what} ({exc.strerror or exc})") from None
-    if not isinstance(arr, np.ndarray):
-        raise JobError(f"{what}")
-    return arr
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (best effort: the move is redone if lost)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+#: Where ``checkpoint`` is called in a job (tests kill the process there to prove exactly-once).
+CHECKPOINTS = ("before_encode", "after_store", "after_commit", "before_move")
 
 
 # --------------------------------------------------------------------------- the inbox
-
-
-@dataclass(frozen=True)
-class JobFiles:
-    name: str
-    sidecar: Path
-    array: Path | None  # None: the sidecar came without its array
-    problem: str | None = None  # set when the files themselves make the job bad
 
 
 class Inbox:
@@ -195,8 +61,10 @@ class Inbox:
         config: Config,
         on_queued: Callable[[Iterable[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] = lambda point: None,
     ):
         self.config = config
+        self.checkpoint = checkpoint
         self.on_queued = on_queued
         self.clock = clock
         self.path = Path(config.inbox.path)
@@ -204,7 +72,6 @@ class Inbox:
         self.failed_dir = self.path / "failed"
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._crash_at = os.environ.get(CRASH_ENV, "")
         self._conn: sqlite3.Connection | None = None
         self._store: Store | None = None
         self._waiting_logged: set[str] = set()
@@ -226,7 +93,7 @@ class Inbox:
                 self.config.node.data_dir, self.config.store_dir, self.conn,
                 router=Router(self.config, clock=self.clock),
                 min_free_bytes=self.config.storage.min_free_bytes, clock=self.clock,
-                checkpoint=lambda name: self._crash_point("after_store") if name == "placed" else None,
+                checkpoint=lambda name: self._checkpoint("after_store") if name == "placed" else None,
             )
         return self._store
 
@@ -272,29 +139,7 @@ class Inbox:
             return finished
 
     def ready_jobs(self) -> list[JobFiles]:
-        """Jobs whose sidecar is present, in name order; arrays without sidecars wait."""
-        entries = {p.name: p for p in self.path.iterdir() if not ignored(p.name)}
-        jobs = []
-        for filename in sorted(entries):
-            if not filename.endswith(SIDECAR_SUFFIX) or filename.endswith(".result.yaml"):
-                continue
-            path = entries[filename]
-            if path.is_dir() and not path.is_symlink():
-                continue
-            name = filename[: -len(SIDECAR_SUFFIX)]
-            arrays = [entries[name + s] for s in ARRAY_SUFFIXES if name + s in entries]
-            if len(arrays) > 1:
-                jobs.append(JobFiles(name, path, arrays[0], problem=(
-                    f"both {name}.npy and {name}.npz are present; keep only one array per job"
-                )))
-            elif not arrays:
-                jobs.append(JobFiles(name, path, None, problem=(
-                    f"the sidecar {filename} has no {name}.npy or {name}.npz beside it; write the "
-                    "array first and the sidecar last"
-                )))
-            else:
-                jobs.append(JobFiles(name, path, arrays[0]))
-        return jobs
+        return jobfiles.find_ready(self.path)
 
     def _forget_vanished(self, present: set[str]) -> None:
         """Waiting jobs whose sidecar was taken away are no longer jobs: drop their rows."""
@@ -312,18 +157,10 @@ class Inbox:
     def _job_row(self, name: str) -> sqlite3.Row | None:
         return jobs.get(self.conn, name)
 
-    def _dropped_after(self, job: JobFiles, when: float | None) -> bool:
-        """True when the job's files were (re)written after ``when``: a new job, not leftovers."""
-        try:
-            mtime = max(os.lstat(p).st_mtime for p in (job.sidecar, job.array) if p is not None)
-        except OSError:
-            return False
-        return when is not None and mtime > when
-
     def _run_job(self, job: JobFiles) -> int:
         row = self._job_row(job.name)
         if row is not None and row["state"] == JobState.DONE.value:
-            if self._dropped_after(job, row["finished_at"]):
+            if jobfiles.dropped_after(job, row["finished_at"]):
                 # A new job under a used name: keep the done record, refuse the new files.
                 self._move(job, self.failed_dir, error=(
                     f"a job named {job.name} was already done (SOP Instance UID "
@@ -334,7 +171,7 @@ class Inbox:
             self._finish_done(job, row)  # the process stopped between commit and move
             return 1
         if row is not None and row["state"] == JobState.FAILED.value:
-            if not self._dropped_after(job, row["finished_at"]):
+            if not jobfiles.dropped_after(job, row["finished_at"]):
                 self._move(job, self.failed_dir, error=row["error"])
                 return 1
             with db.transaction(self.conn):  # dropped again (fixed?): a fresh attempt
@@ -424,13 +261,13 @@ class Inbox:
         self, job: JobFiles, row, now: float
     ) -> tuple[derive.Derived, tuple[str, ...]] | None:
         """Derive, write, commit; None while the source is not here. Nothing after the commit."""
-        spec = read_sidecar(safe_path(self.path, job.sidecar))
+        spec = jobfiles.read_sidecar(jobfiles.safe_path(self.path, job.sidecar))
         assert job.array is not None
-        arr = load_array(safe_path(self.path, job.array))
+        arr = jobfiles.load_array(jobfiles.safe_path(self.path, job.array))
         sources = self._sources(job, spec, arr, row, now)
         if sources is None:
             return None
-        self._crash_point("before_encode")
+        self._checkpoint("before_encode")
         # Same job, same first-seen time -> same UIDs: a rerun after a crash rewrites one file.
         counter = iter(range(1000))
         seed = f"{job.name}|{row['first_seen_at']!r}"
@@ -454,7 +291,7 @@ class Inbox:
         if stored.outcome is not Outcome.STORED:
             raise JobError(f"the store refused the derived object: {stored.reason}")
         destinations = stored.queued_for
-        self._crash_point("after_commit")
+        self._checkpoint("after_commit")
         return result, destinations
 
     # ------------------------------------------------------------------ endings
@@ -492,30 +329,10 @@ class Inbox:
 
     def _move(self, job: JobFiles, folder: Path, error: str | None = None,
               result_text: str | None = None) -> None:
-        """Write NAME.error.txt / NAME.result.yaml into ``folder``, then move the job's files there."""
-        if error is not None:
-            files.write_atomic(folder / f"{job.name}.error.txt", lambda f: f.write((error + "\n").encode()))
-        if result_text is not None:
-            files.write_atomic(folder / f"{job.name}.result.yaml", lambda f: f.write(result_text.encode()))
-        self._crash_point("before_move")
-        # The array first, the sidecar last: a job is never left with only its array moved
-        # while its sidecar still says "ready".
-        for path in (job.array, job.sidecar):
-            if path is None:
-                continue
-            try:
-                os.replace(path, folder / path.name)
-            except FileNotFoundError:
-                pass  # already moved by an earlier, interrupted pass
-            restrict(folder / path.name)  # 0600 (a symlink is left as it is, not its target)
-        for moved in (folder, self.path):
-            _fsync_dir(moved)
+        jobfiles.move(job, folder, self.path, error=error, result_text=result_text,
+                      before_move=lambda: self._checkpoint("before_move"))
         log.info("job %s moved to %s/", job.name, folder.name)
 
-    def _crash_point(self, point: str) -> None:
-        """Test-only: SIGKILL ourselves at ``point`` when GATEWAY_TEST_CRASH_AT names it."""
-        if self._crash_at and self._crash_at == point:
-            log.warning("%s=%s: killing the process (test hook)", CRASH_ENV, point)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _checkpoint(self, point: str) -> None:
+        """Test hook: tell ``checkpoint`` (one of CHECKPOINTS) where a job is."""
+        self.checkpoint(point)

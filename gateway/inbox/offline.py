@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from gateway.derive import derive
-from gateway.inbox import inbox
+from gateway.inbox import jobfiles
 from gateway.errors import JobError, UnreadableHeader
 from gateway.storage.files import write_atomic
 from gateway.storage.header import read_header
@@ -59,10 +59,10 @@ def encode_offline(array: Path, sidecar_path: Path, source_dir: Path, out: Path,
     ``failed/NAME.error.txt``.
     """
     array, sidecar_path, source_dir, out = map(Path, (array, sidecar_path, source_dir, out))
-    spec = inbox.read_sidecar(sidecar_path)
-    if array.suffix not in inbox.ARRAY_SUFFIXES:
+    spec = jobfiles.read_sidecar(sidecar_path)
+    if array.suffix not in jobfiles.ARRAY_SUFFIXES:
         raise JobError(f"{array.name} must be a .npy or .npz file")
-    arr = inbox.load_array(array)
+    arr = jobfiles.load_array(array)
     sources = _find_sources(source_dir, spec.source.series_instance_uid, spec.source.study_instance_uid)
     opts = derive.Options(
         job_name=array.stem,

@@ -71,3 +71,16 @@ def recent_failed(conn: sqlite3.Connection, limit: int = 10) -> list[dict]:
         (JobState.FAILED.value, limit),
     )
     return [{"job": r["name"], "error": r["error"], "failed_at": r["finished_at"]} for r in rows]
+
+
+def page(conn: sqlite3.Connection, state: str | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[int, list[dict]]:
+    """One page of inbox jobs (latest first) with their state and reason, and the total matching."""
+    where, args = ("WHERE state = ?", [state]) if state else ("", [])
+    total = conn.execute(f"SELECT COUNT(*) AS n FROM jobs {where}", args).fetchone()["n"]
+    rows = conn.execute(
+        f"SELECT name, state, first_seen_at, finished_at, sop_instance_uid, series_uid, error FROM jobs "
+        f"{where} ORDER BY COALESCE(finished_at, first_seen_at) DESC, name LIMIT ? OFFSET ?",
+        (*args, limit, offset),
+    ).fetchall()
+    return total, [dict(r) for r in rows]

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from gateway.storage import db, index, queue
+from gateway.storage import db, queue
+from gateway.storage import jobs as job_rows
 from gateway.web.app import Deps, get_deps
 from gateway.web.auth import require_scope
 
@@ -230,7 +231,7 @@ def list_jobs(
     offset: int = Query(0, ge=0, le=10_000_000),
 ) -> dict:
     with deps.reader() as conn:
-        total, items = index.list_jobs(conn, state, limit, offset)
+        total, items = job_rows.page(conn, state, limit, offset)
     return {"total": total, "limit": limit, "offset": offset, "items": items}
 
 

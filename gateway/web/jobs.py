@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gateway.errors import GatewayError
-from gateway.storage import job_state
+from gateway.storage import jobs as job_rows
 from gateway.web.app import Deps, get_deps
 from gateway.web.auth import Identity, require_scope
 
@@ -80,12 +80,12 @@ def _existing(inbox: Path, name: str) -> list[Path]:
 
 def submit(deps: Deps, name: str, array: UploadFile, sidecar: UploadFile) -> JobAnswer:
     """Check the job's files, then rename them into the inbox: array first, sidecar last."""
-    from gateway.inbox import inbox as inbox_mod
+    from gateway.inbox import jobfiles
 
     inbox = deps.config.inbox.path
     inbox.mkdir(parents=True, exist_ok=True)
     with deps.reader() as conn:
-        if job_state.get(conn, name) is not None or _existing(inbox, name):
+        if job_rows.get(conn, name) is not None or _existing(inbox, name):
             raise HTTPException(409, f"a job named {name} already exists; give every job a unique name "
                                      f"(GET /api/inbox/jobs/{name} tells its state)")
     upload_dir = inbox / f"{UPLOAD_PREFIX}{secrets.token_hex(6)}"
@@ -104,8 +104,8 @@ def submit(deps: Deps, name: str, array: UploadFile, sidecar: UploadFile) -> Job
         sidecar_path = upload_dir / f"{name}.yaml"
         _copy_upload(sidecar, sidecar_path)
         try:
-            inbox_mod.read_sidecar(sidecar_path)
-            inbox_mod.load_array(array_path)
+            jobfiles.read_sidecar(sidecar_path)
+            jobfiles.load_array(array_path)
         except GatewayError as exc:
             raise HTTPException(400, f"job {name}: {exc}") from None
         # Re-check under the rename: a concurrent request may have taken the name meanwhile.
@@ -124,7 +124,7 @@ def state_of(deps: Deps, name: str) -> JobAnswer | None:
     """The job's state from the database and the inbox folders (None: no such job)."""
     inbox = deps.config.inbox.path
     with deps.reader() as conn:
-        row = job_state.get(conn, name)
+        row = job_rows.get(conn, name)
     if row is not None and row["state"] == "done":
         result = None
         path = inbox / "done" / f"{name}.result.yaml"

@@ -27,8 +27,8 @@ from gateway import config as config_mod
 from gateway.storage import db, files, index
 from gateway.derive import derive
 from gateway import status
-from gateway.inbox.inbox import CRASH_ENV, CRASH_POINTS, Inbox
-from tests.conftest import gateway_config, wait_until
+from gateway.inbox.inbox import CHECKPOINTS, Inbox
+from tests.conftest import REPO, gateway_config, port_open, wait_until
 
 N, R, C = 8, 64, 64
 
@@ -399,15 +399,26 @@ def test_a_waiting_job_taken_away_is_forgotten(tmp_path, series):
 # --------------------------------------------------------------------------- crashes
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
-def test_sigkill_at_any_point_yields_exactly_one_object(tmp_path, series, gateway_factory, monkeypatch, point):
+def start_crashing(gw, point: str) -> subprocess.Popen:
+    """``run`` with an inbox crash hook (a callable handed to service.run) that SIGKILLs it at ``point``."""
+    log = open(gw.config_path.parent / "gateway.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.crashing_run", str(gw.config_path), point],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    log.close()
+    gw.log_path = gw.config_path.parent / "gateway.log"
+    return proc
+
+
+@pytest.mark.parametrize("point", CHECKPOINTS)
+def test_sigkill_at_any_point_yields_exactly_one_object(tmp_path, series, gateway_factory, point):
     paths, sources = series
     gw = gateway_factory(tmp_path / "gw", start=False, inbox={"poll_interval_seconds": 0.2})
     config = config_mod.load(gw.config_path)
     index_sources(config, paths)
-    monkeypatch.setenv(CRASH_ENV, point)
-    gw.start()
-    monkeypatch.delenv(CRASH_ENV)
+    gw.proc = start_crashing(gw, point)
+    wait_until(lambda: gw.proc.poll() is not None or port_open(gw.port), 30, 0.05, "the gateway to listen")
     mask = np.zeros((N, R, C), bool)
     mask[2:5, 10:30, 10:30] = True
     drop_job(config.inbox.path, "crashy", mask, {"source": {"series_instance_uid": str(sources[0].SeriesInstanceUID)}})

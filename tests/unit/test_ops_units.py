@@ -6,6 +6,7 @@ import time
 
 from gateway import progress
 from gateway.storage import db, health, index, queue
+from gateway.storage import jobs as job_rows
 
 
 def test_progress_line_fits_and_fills():
@@ -72,9 +73,9 @@ def test_list_jobs_and_health_probe(tmp_path):
     with db.transaction(conn):
         conn.execute("INSERT INTO jobs (name, state, first_seen_at, finished_at, error) VALUES "
                      "('a', 'failed', 1, 5, 'bad shape'), ('b', 'done', 2, 6, NULL), ('c', 'waiting', 3, NULL, NULL)")
-    total, jobs = index.list_jobs(conn)
+    total, jobs = job_rows.page(conn)
     assert total == 3 and [j["name"] for j in jobs] == ["b", "a", "c"]
-    total, jobs = index.list_jobs(conn, "failed")
+    total, jobs = job_rows.page(conn, "failed")
     assert total == 1 and jobs[0]["error"] == "bad shape"
     health.probe_write(conn, now)
     health.probe_write(conn, now + 1)
