@@ -99,6 +99,9 @@ def choose_instance(ranges: list[MediaRange], stored_ts: str, single: bool) -> C
         asked = ", ".join(f"{r.type}" + (f"; type={r.part_type}" if r.part_type else "") for r in ranges)
         raise NotAcceptable(f"WADO-RS sends multipart/related; type=\"application/dicom\"; the Accept header "
                             f"asks for {asked[:200]}")
+    if not single and not any(multipart for _, multipart in usable):
+        raise NotAcceptable("a bare application/dicom body holds one instance; ask for a study or series with "
+                            "Accept: multipart/related; type=\"application/dicom\"")
     for r, multipart in usable:
         if multipart is False and not single:
             continue
