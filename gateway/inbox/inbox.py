@@ -40,6 +40,8 @@ from gateway.routing.router import Router
 from gateway.storage.store import Arrival, Outcome, Source, Store
 from gateway.derive import derive
 from gateway.inbox import jobfiles, sidecar
+from gateway.inbox import arrays
+from gateway.logsafe import wire
 from gateway.inbox.jobfiles import JobFiles
 from gateway.config import Config
 from gateway.errors import GiveUp, JobError, RetryLater, StorageFull, UnreadableHeader
@@ -51,6 +53,14 @@ CHECKPOINTS = ("before_encode", "after_store", "after_commit", "before_move")
 
 
 # --------------------------------------------------------------------------- the inbox
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode turned undecodable bytes into lone surrogates
+        return False
+    return True
 
 
 class Inbox:
@@ -130,6 +140,9 @@ class Inbox:
             for job in jobs:
                 if self._stop.is_set():
                     break
+                if not _utf8(job.name):  # no row can hold it: straight to failed/
+                    finished += self._refuse_name(job)
+                    continue
                 try:
                     finished += self._run_job(job)
                 except (RetryLater, sqlite3.OperationalError) as exc:
@@ -263,10 +276,16 @@ class Inbox:
         """Derive, write, commit; None while the source is not here. Nothing after the commit."""
         spec = jobfiles.read_sidecar(jobfiles.safe_path(self.path, job.sidecar))
         assert job.array is not None
-        arr = jobfiles.load_array(jobfiles.safe_path(self.path, job.array))
-        sources = self._sources(job, spec, arr, row, now)
+        array_path = jobfiles.safe_path(self.path, job.array)
+        info = arrays.inspect(array_path, job.array.name)  # header only: nothing loaded yet
+        sources = self._sources(job, spec, info, row, now)
         if sources is None:
             return None
+        if (sidecar.default_kind(spec, info.dtype.kind) is sidecar.Kind.SEGMENTATION and sources
+                and "Rows" in sources[0] and "Columns" in sources[0]):
+            arrays.check_against_source(info, job.array.name, len(sources),
+                                        int(sources[0].Rows), int(sources[0].Columns))
+        arr = arrays.load(array_path, info, job.array.name)
         self._checkpoint("before_encode")
         # Same job, same first-seen time -> same UIDs: a rerun after a crash rewrites one file.
         counter = iter(range(1000))
@@ -317,6 +336,17 @@ class Inbox:
         text = yaml.safe_dump(summary, sort_keys=False)
         self._move(job, self.done_dir, result_text=text)
 
+    def _refuse_name(self, job: JobFiles) -> int:
+        """A job name that is not UTF-8 (os.fsdecode's escapes in it): failed, with a reason."""
+        message = ("the job name is not valid UTF-8; name the job's files with UTF-8 text (ASCII "
+                   "letters, digits, '-' and '_' are safest)")
+        log.warning("job %s failed: %s", wire(job.name), message)
+        try:
+            self._move(job, self.failed_dir, error=message + ".")
+        except OSError as exc:
+            log.error("cannot move job %s to failed/: %s", wire(job.name), exc.strerror or exc)
+        return 1
+
     def _fail(self, job: JobFiles, message: str) -> None:
         message = " ".join(message.split())
         if not message.endswith("."):
@@ -331,7 +361,7 @@ class Inbox:
               result_text: str | None = None) -> None:
         jobfiles.move(job, folder, self.path, error=error, result_text=result_text,
                       before_move=lambda: self._checkpoint("before_move"))
-        log.info("job %s moved to %s/", job.name, folder.name)
+        log.info("job %s moved to %s/", wire(job.name), folder.name)
 
     def _checkpoint(self, point: str) -> None:
         """Test hook: tell ``checkpoint`` (one of CHECKPOINTS) where a job is."""

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.lib.format as npformat
 
 from gateway.errors import JobError
-from gateway.inbox import sidecar
+from gateway.inbox import arrays, sidecar
 from gateway.storage.datadir import restrict
 from gateway.storage.files import fsync_dir, write_atomic
 
@@ -63,7 +63,7 @@ def _read_error(path: Path, exc: OSError) -> JobError:
 def read_sidecar(path: Path) -> sidecar.Job:
     """Read and parse a sidecar file (at most 64 KiB are read)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(arrays.open_regular(path), "rb") as f:  # never blocks on a FIFO
             data = f.read(_MAX_SIDECAR_READ)
     except OSError as exc:
         raise _read_error(path, exc) from None
