@@ -78,7 +78,7 @@ class _Outcomes:
             with db.transaction(self.conn):
                 for item, result in self.pending:
                     if result.verdict is Verdict.SENT:
-                        queue.mark_sent(self.conn, item.id, now, item.claimed_at)
+                        queue.mark_sent(self.conn, item.id, now, item.claimed_at, item.generation)
                     else:
                         queue.mark_attempt_failed(
                             self.conn, item.id, result.reason or "unknown", now, self.policy,

@@ -146,6 +146,11 @@ CREATE INDEX instance_attributes_accession ON instance_attributes(accession_numb
         ALTER TABLE instances ADD COLUMN dataset_offset INTEGER;
         ALTER TABLE instances ADD COLUMN source TEXT;
     """),
+    # Bumped by every enqueue of a row: "was it re-sent while being sent?" compares it with
+    # the claim's, never wall-clock times (a clock step back would mark a replaced file sent).
+    ("queue.generation", """
+        ALTER TABLE queue ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+    """),
 ]
 
 

@@ -31,6 +31,7 @@ class Item:
     transfer_syntax: str
     claimed_at: float = 0.0  # when this claim was made; a re-enqueue after it means "send again"
     dataset_offset: int | None = None  # where the data set starts in the file (None: read the header)
+    generation: int = 0  # the row's enqueue count at claim time; mark_sent compares it
 
 
 def backoff_seconds(
@@ -72,7 +73,7 @@ def enqueue(
 ) -> None:
     """Queue an instance for each destination; a resend of a queued instance is sent again.
 
-    A row being sent right now stays ``sending``; its new ``enqueued_at`` tells ``mark_sent``
+    A row being sent right now stays ``sending``; its bumped ``generation`` tells ``mark_sent``
     that the stored file changed meanwhile, so it goes back to pending instead of sent.
     """
     for dest in destinations:
@@ -84,7 +85,7 @@ def enqueue(
                    state = CASE WHEN state = 'sending' THEN state ELSE 'pending' END,
                    attempts = 0, next_attempt_at = excluded.next_attempt_at,
                    last_error = NULL, enqueued_at = excluded.enqueued_at,
-                   updated_at = excluded.updated_at""",
+                   updated_at = excluded.updated_at, generation = generation + 1""",
             (dest, sop_instance_uid, now, now, now),
         )
 
@@ -96,7 +97,7 @@ def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int
     """
     rows = conn.execute(
         """SELECT q.id, q.destination, q.sop_instance_uid, q.attempts, i.path, i.sop_class_uid,
-                  i.transfer_syntax, i.dataset_offset
+                  i.transfer_syntax, i.dataset_offset, q.generation
            FROM queue q JOIN instances i ON i.sop_instance_uid = q.sop_instance_uid
            WHERE q.destination = ? AND q.state = 'pending' AND q.next_attempt_at <= ?
            ORDER BY q.next_attempt_at, q.id LIMIT ?""",
@@ -111,12 +112,21 @@ def claim_due(conn: sqlite3.Connection, destination: str, now: float, limit: int
 
 
 def mark_sent(
-    conn: sqlite3.Connection, item_id: int, now: float, claimed_at: float | None = None
+    conn: sqlite3.Connection, item_id: int, now: float, claimed_at: float | None = None,
+    generation: int | None = None,
 ) -> State:
-    """The destination took the item; pending again if it was re-enqueued after ``claimed_at``."""
-    again = claimed_at is not None and conn.execute(
-        "SELECT enqueued_at > ? AS again FROM queue WHERE id = ?", (claimed_at, item_id)
-    ).fetchone()["again"]
+    """The destination took the item; pending again if it was re-enqueued since its claim.
+
+    ``generation`` (the claimed ``Item.generation``) decides; ``claimed_at`` is the older,
+    clock-based check, kept for callers that have no generation.
+    """
+    if generation is not None:
+        row = conn.execute("SELECT generation FROM queue WHERE id = ?", (item_id,)).fetchone()
+        again = row is not None and row["generation"] != generation
+    else:
+        again = claimed_at is not None and conn.execute(
+            "SELECT enqueued_at > ? AS again FROM queue WHERE id = ?", (claimed_at, item_id)
+        ).fetchone()["again"]
     if again:
         conn.execute(
             "UPDATE queue SET state = 'pending', updated_at = ? WHERE id = ?", (now, item_id)

@@ -81,3 +81,27 @@ def test_secure_tightens_an_earlier_release_folder(tmp_path):
     assert stat.S_IMODE(os.stat(var / "gateway.sqlite3").st_mode) == 0o600
     datadir.restrict(link)
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o644  # never through a symlink
+
+
+def test_a_resend_while_sending_is_sent_again_even_after_a_clock_step_back(tmp_path):
+    from gateway.storage import index, queue
+
+    conn = db.connect(tmp_path / "gateway.sqlite3")
+    with db.transaction(conn):
+        index.record_instance(conn, index.InstanceRecord(
+            sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2",
+            series_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2.1", path="store/x.dcm", size=1,
+            calling_ae="X", origin="received", received_at=1000.0))
+        queue.enqueue(conn, ["pacs"], "1.2.3.4", now=1000.0)
+    with db.transaction(conn):
+        [item] = queue.claim_due(conn, "pacs", now=1000.0, limit=10)
+    with db.transaction(conn):  # the file is replaced while it is sent; the clock stepped back
+        queue.enqueue(conn, ["pacs"], "1.2.3.4", now=400.0)
+    with db.transaction(conn):
+        state = queue.mark_sent(conn, item.id, 1001.0, item.claimed_at, item.generation)
+    assert state is queue.State.PENDING  # the new file still has to go
+    with db.transaction(conn):
+        [again] = queue.claim_due(conn, "pacs", now=1002.0, limit=10)
+        assert queue.mark_sent(conn, again.id, 1003.0, again.claimed_at, again.generation) \
+            is queue.State.SENT
+    conn.close()
