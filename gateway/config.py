@@ -547,6 +547,12 @@ class LoggingConfig(_Model):
         return value
 
 
+class PerformanceConfig(_Model):
+    #: true: dimse.fastpath replaces parts of pynetdicom's internals (checked at start: a
+    #: missing name refuses to start); false: pynetdicom's public API only, same promises.
+    pynetdicom_fast_path: Annotated[bool, Strict()] = True
+
+
 class Config(_Model):
     node: NodeConfig = NodeConfig()
     security: SecurityConfig = SecurityConfig()
@@ -562,6 +568,7 @@ class Config(_Model):
     triggers: tuple[TriggerConfig, ...] = ()
     http: HttpConfig = HttpConfig()
     audit: AuditConfig = AuditConfig()
+    performance: PerformanceConfig = PerformanceConfig()
     #: Where the file was loaded from (set by ``load``; not a YAML key).
     source_path: Path | None = Field(default=None, exclude=True)
 

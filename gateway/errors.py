@@ -20,6 +20,10 @@ class ConfigError(GatewayError):
         super().__init__("\n".join(self.problems))
 
 
+class FastPathUnavailable(ConfigError):
+    """pynetdicom lacks a private name the fast path replaces (``dimse.fence``): exit 2, one line."""
+
+
 class RetryLater(GatewayError):
     """The work may succeed later (peer down, source series still arriving)."""
 

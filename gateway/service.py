@@ -24,6 +24,7 @@ from gateway import sdnotify
 from gateway.storage import datadir, db, queue
 from gateway import status
 from gateway.config import Config
+from gateway.errors import FastPathUnavailable
 
 log = logging.getLogger("gateway.service")
 
@@ -48,6 +49,13 @@ def run(config: Config, stop: threading.Event | None = None,
     # pydicom checks every value it reads against its VR (a regex per UID, ~8% of receive
     # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+    if config.performance.pynetdicom_fast_path:  # never fall back silently: refuse, exit 2
+        from gateway.dimse import fence
+
+        problems = fence.missing()
+        if problems:
+            raise FastPathUnavailable([fence.refusal(problems)])
 
     # One process per data folder, before anything in it is touched (DataDirInUse: exit 2).
     data_lock = datadir.lock(config.node.data_dir)

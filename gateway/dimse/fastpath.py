@@ -85,15 +85,19 @@ _pynetdicom_create_file_meta = dimse_messages.create_file_meta
 _pynetdicom_write_file_meta_info = dimse_messages.write_file_meta_info
 
 
+#: receive's lookup: the ``spool.Spooler`` of an association (None: not one of ours).
+_spooler_for: Callable[[object], object | None] = lambda assoc: None
+
+
 def _spool_file(*args, **kwargs):
     """Stands in for pynetdicom's NamedTemporaryFile: our spool file on receiving associations.
 
     pynetdicom decodes incoming P-DATA in the association's DUL thread, whose ``assoc`` tells
-    which server (and so which spool folder and limits) the data set belongs to: receive
-    binds a ``spool.Spooler`` to the association as ``gateway_spooler`` when it opens.
+    which server (and so which spool folder and limits) the data set belongs to: receive's
+    registry of associations (``enable_spooling(spooler_for)``) knows its ``spool.Spooler``.
     """
     assoc = getattr(threading.current_thread(), "assoc", None)
-    spooler = getattr(assoc, "gateway_spooler", None)
+    spooler = _spooler_for(assoc) if assoc is not None else None
     if spooler is None:
         return _pynetdicom_temp_file(*args, **kwargs)
     return spooler.open()
@@ -123,8 +127,13 @@ def _write_file_meta_info(fp, file_meta, *args, **kwargs):
                              file_meta.transfer_syntax))
 
 
-def enable_spooling() -> None:
-    """Make pynetdicom stream C-STORE data sets to files (process-wide library settings)."""
+def enable_spooling(spooler_for: Callable[[object], object | None]) -> None:
+    """Make pynetdicom stream C-STORE data sets into our spool files (process-wide library settings).
+
+    ``spooler_for(assoc)``: the association's ``spool.Spooler``, or None for pynetdicom's own file.
+    """
+    global _spooler_for
+    _spooler_for = spooler_for
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _spool_file
     dimse_messages.create_file_meta = _create_file_meta

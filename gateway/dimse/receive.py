@@ -15,14 +15,17 @@ process-wide at start; ``dimse.fastpath`` says what each tuning replaces and why
 from __future__ import annotations
 
 import logging
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
 from gateway import audit as audit_trail
@@ -34,8 +37,8 @@ from gateway.errors import GatewayError
 from gateway.logsafe import wire
 from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.guard import ConnectionGuard
-from gateway.dimse.fastpath import SharedContexts, enable_spooling, tune_acceptor
-from gateway.dimse.spool import Spooler, clean_spool
+from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool
+from gateway.storage.files import free_bytes
 from gateway.routing.router import Router
 from gateway.storage.header import UNCOMPRESSED
 from gateway.storage.store import (
@@ -50,6 +53,9 @@ from gateway.storage.store import (
 )
 
 log = logging.getLogger("gateway.receive")
+
+#: Public-API mode: association threads of closed bare connects tolerated on top (see start_server).
+PUBLIC_API_LINGERING_THREADS = 256
 
 # The DIMSE status each store outcome is answered with (PS3.4 B.2.3).
 STATUS = {
@@ -81,29 +87,114 @@ class Limits:
     max_pdu: int
     max_instance_bytes: int
     min_free_bytes: int
+    fast_path: bool = True
 
 
-def _on_conn_open(event, limits: Limits) -> None:
-    """Bind this association's spool settings, bounded socket reads and prompt serving."""
+@dataclass
+class _Counter:
+    """Public-API mode: the bytes of the data set being received, counted as its PDUs arrive."""
+
+    size: int = 0
+    next_check: int = FREE_SPACE_CHECK_EVERY
+    problem: str | None = None
+
+
+@dataclass
+class AssociationState:
+    """What receive keeps per association (never attributes added to pynetdicom's objects)."""
+
+    tally: audit_trail.Tally = field(default_factory=audit_trail.Tally)
+    spooler: Spooler | None = None  # fast path: our spool files
+    counter: _Counter = field(default_factory=_Counter)  # public API: the size limits
+
+
+class Associations:
+    """The registry ``receive`` owns: one ``AssociationState`` per live association."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def open(self, assoc, state: AssociationState) -> None:
+        with self._lock:
+            self._states[assoc] = state
+
+    def get(self, assoc) -> AssociationState | None:
+        with self._lock:
+            return self._states.get(assoc)
+
+    def spooler(self, assoc) -> Spooler | None:
+        state = self.get(assoc)
+        return state.spooler if state is not None else None
+
+    def pop_tally(self, assoc) -> audit_trail.Tally | None:
+        """The association's tally, once (the audit message is written at most once)."""
+        with self._lock:
+            state = self._states.get(assoc)
+            tally, state.tally = (state.tally, None) if state is not None else (None, None)
+            return tally
+
+
+def _on_conn_open(event, limits: Limits, registry: Associations) -> None:
+    """Register this association; on the fast path: its spool, bounded socket reads, prompt serving."""
     assoc = event.assoc
-    assoc.gateway_tally = audit_trail.Tally()
-    assoc.gateway_spooler = Spooler(limits.spool_dir, limits.max_instance_bytes, limits.min_free_bytes)
-    tune_acceptor(assoc, limits.max_pdu, lambda: _peer(assoc))
+    state = AssociationState()
+    if limits.fast_path:
+        from gateway.dimse.fastpath import tune_acceptor
+
+        state.spooler = Spooler(limits.spool_dir, limits.max_instance_bytes, limits.min_free_bytes)
+        registry.open(assoc, state)
+        tune_acceptor(assoc, limits.max_pdu, lambda: _peer(assoc))
+    else:
+        registry.open(assoc, state)
 
 
-def _on_conn_close(event, audit) -> None:
-    spooler = getattr(event.assoc, "gateway_spooler", None)
+def _on_pdu_recv(event, limits: Limits, registry: Associations) -> None:
+    """Public-API mode: count each C-STORE data set's bytes where they arrive (EVT_PDU_RECV).
+
+    pynetdicom writes them to its temporary file itself; an instance over
+    ``storage.max_instance_bytes``, or free space falling below ``storage.min_free_bytes``,
+    is answered 0xA700 when it ends, and its file removed.
+    """
+    items = getattr(event.pdu, "presentation_data_value_items", None)
+    state = registry.get(event.assoc)
+    if not items or state is None:
+        return
+    counter = state.counter
+    for item in items:
+        data = item.presentation_data_value
+        if not data:
+            continue
+        control = data[0]
+        if control & 0x01:  # a command fragment: its last one starts a new message
+            if control & 0x02:
+                state.counter = counter = _Counter()
+            continue
+        counter.size += len(data) - 1
+        if counter.problem is not None:
+            continue
+        if counter.size > limits.max_instance_bytes:
+            counter.problem = (f"instance is larger than storage.max_instance_bytes "
+                               f"({limits.max_instance_bytes} bytes)")
+        elif limits.min_free_bytes and counter.size >= counter.next_check:
+            counter.next_check += FREE_SPACE_CHECK_EVERY
+            if free_bytes(limits.spool_dir) < limits.min_free_bytes:
+                counter.problem = "free disk space fell below storage.min_free_bytes"
+
+
+def _on_conn_close(event, audit, registry: Associations) -> None:
+    spooler = registry.spooler(event.assoc)
     if spooler is not None:
         spooler.discard_all()
-    _audit_received(event, audit)
+    _audit_received(event, audit, registry)
 
 
-def _audit_received(event, audit) -> None:
+def _audit_received(event, audit, registry: Associations) -> None:
     """What the association stored, once: at release, abort or close, whichever comes first.
 
     (pynetdicom may close an acceptor's socket without EVT_CONN_CLOSE after a release.)
     """
-    tally = event.assoc.__dict__.pop("gateway_tally", None)
+    tally = registry.pop_tally(event.assoc)
     if tally is not None and tally.studies:
         audit.record(audit_trail.INSTANCES_TRANSFERRED, audit_trail.Outcome.SUCCESS,
                      action=audit_trail.CREATE, participants=_audit_parties(event.assoc),
@@ -199,21 +290,23 @@ def _status(result: Result) -> Dataset:
     return rsp
 
 
-def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -> Dataset:
+def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
+              registry: Associations) -> Dataset:
     """Spooled data set -> store.ingest -> DIMSE status; log one line either way."""
     assoc = event.assoc
     req = event.request
     calling = str(assoc.requestor.ae_title).strip()
     req_sop = str(req.AffectedSOPInstanceUID or "")
     path = Path(event.dataset_path)
-    spool = assoc.gateway_spooler.take(path)
-    head = None
+    state = registry.get(assoc) or AssociationState()
+    spool = state.spooler.take(path) if state.spooler is not None else None
+    head, problem = None, state.counter.problem
     if spool is not None:
         spool.finish()
-        head = spool.head
-    if spool is not None and spool.problem:
+        head, problem = spool.head, spool.problem
+    if problem:
         discard(path)
-        result = Result(Outcome.NO_SPACE, spool.problem)
+        result = Result(Outcome.NO_SPACE, problem)
     else:
         # The called AE title the peer asked for (routing rules match it), not our own title:
         # they differ when node.require_called_ae_title is false.
@@ -229,7 +322,8 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None]) -
             spool.placed()
         log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
                  result.size)
-        assoc.gateway_tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0)
+        if state.tally is not None:
+            state.tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))
             on_queued(result.queued_for)
@@ -318,12 +412,27 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
         router=Router(config),
         min_free_bytes=config.storage.min_free_bytes,
     )
-    enable_spooling()
+    registry = Associations()
+    fast = config.performance.pynetdicom_fast_path
+    if fast:
+        from gateway.dimse.fastpath import SharedContexts, enable_spooling
+
+        enable_spooling(registry.spooler)
+    else:
+        # pynetdicom's public API: its chunked receive, its temporary files on the store's
+        # filesystem (so placing one is a rename), the sizes counted at EVT_PDU_RECV.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(spool_dir)
 
     ae = AE(ae_title=node.ae_title)
     # dimse.guard caps connections at node.max_associations; pynetdicom's own count also
     # holds threads still winding down after the guard closed their connection.
     ae.maximum_associations = 2 * node.max_associations
+    if not fast:
+        # Without the fast path's socket, a bare connect (a health check, a port probe) keeps
+        # its pynetdicom thread until node.acse_timeout_seconds: those must not make pynetdicom
+        # refuse real peers. dimse.guard still caps open connections at node.max_associations.
+        ae.maximum_associations += PUBLIC_API_LINGERING_THREADS
     ae.maximum_pdu_size = node.max_pdu_size
     ae.network_timeout = node.network_timeout_seconds
     ae.acse_timeout = node.acse_timeout_seconds
@@ -336,20 +445,22 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
 
     limits = Limits(spool_dir, node.max_pdu_size, config.storage.max_instance_bytes,
-                    config.storage.min_free_bytes)
+                    config.storage.min_free_bytes, fast)
     handlers = [
         (evt.EVT_CONN_OPEN, set_nodelay),
-        (evt.EVT_CONN_OPEN, _on_conn_open, [limits]),
-        (evt.EVT_CONN_CLOSE, _on_conn_close, [audit]),
+        (evt.EVT_CONN_OPEN, _on_conn_open, [limits, registry]),
+        (evt.EVT_CONN_CLOSE, _on_conn_close, [audit, registry]),
         (evt.EVT_REQUESTED, _on_requested, [config, audit]),
         (evt.EVT_ESTABLISHED, _on_established, [audit]),
-        (evt.EVT_RELEASED, _audit_received, [audit]),
-        (evt.EVT_ABORTED, _audit_received, [audit]),
+        (evt.EVT_RELEASED, _audit_received, [audit, registry]),
+        (evt.EVT_ABORTED, _audit_received, [audit, registry]),
         (evt.EVT_REJECTED, _on_rejected, [config, audit]),
         (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_C_STORE, _on_store, [store, on_queued]),
+        (evt.EVT_C_STORE, _on_store, [store, on_queued, registry]),
     ]
-    contexts = SharedContexts(ae.supported_contexts)
+    if not fast:
+        handlers.append((evt.EVT_PDU_RECV, _on_pdu_recv, [limits, registry]))
+    contexts = SharedContexts(ae.supported_contexts) if fast else None
     servers, tls_server, port = [], None, node.port
     try:
         if node.port is not None:

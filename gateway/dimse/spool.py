@@ -18,7 +18,7 @@ from pathlib import Path
 from gateway.storage.files import free_bytes
 from gateway.storage.header import HEAD_BYTES
 
-_FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
+FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 _SPOOL_BUFFER = 1024 * 1024
 _PREFIX = "rx-"  # every spool file's name starts so; what clean_spool removes
 
@@ -63,7 +63,7 @@ class SpoolFile:
         self._folder = path.parent
         self._max_bytes = max_bytes
         self._min_free = min_free_bytes
-        self._next_check = _FREE_SPACE_CHECK_EVERY
+        self._next_check = FREE_SPACE_CHECK_EVERY
         self._pending = bytearray()
         self.head = bytearray()
         self.size = 0
@@ -80,7 +80,7 @@ class SpoolFile:
                 f"instance is larger than storage.max_instance_bytes ({self._max_bytes} bytes)", n
             )
         if self._min_free and self.size >= self._next_check:
-            self._next_check += _FREE_SPACE_CHECK_EVERY
+            self._next_check += FREE_SPACE_CHECK_EVERY
             if free_bytes(self._folder) < self._min_free:
                 return self._give_up("free disk space fell below storage.min_free_bytes", n)
         self._pending += data
@@ -170,9 +170,15 @@ class Spooler:
 
 
 def clean_spool(folder: Path) -> None:
-    """Spool files left by a crash are incomplete and were never acknowledged: remove them."""
-    for leftover in folder.glob(f"{_PREFIX}*.dcm*"):
-        try:
-            leftover.unlink()
-        except OSError:
-            pass
+    """Files in transit left by a crash are incomplete and were never acknowledged: remove them.
+
+    Ours (spool files, ingest's temporary files) and pynetdicom's own ``tmp*.dcm`` (public-API mode).
+    """
+    from gateway.storage.store import TEMP_PREFIX
+
+    for pattern in (f"{_PREFIX}*.dcm*", f"{TEMP_PREFIX}*.dcm", "tmp*.dcm"):
+        for leftover in folder.glob(pattern):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass

@@ -5,7 +5,8 @@ recorded at ingest (never decoded and re-encoded), unless the destination accept
 class only in another uncompressed transfer syntax. pynetdicom negotiates, releases and
 aborts the association; between A-ASSOCIATE-AC and the release the requests and responses
 go over its socket from this thread (``dimse.fastpath.direct_socket``): faster than its DUL
-thread, and free of its lost-response race.
+thread, and free of its lost-response race. With ``performance.pynetdicom_fast_path: false``
+it is pynetdicom's public ``send_c_store`` with chunked sending instead.
 
 A request that gets no response (abort, timeout) costs the association: the item is tried
 once more on a new one; after ``MAX_LOST_ASSOCIATIONS`` lost in a row, the rest of the batch
@@ -19,18 +20,18 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from contextlib import nullcontext
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import build_context
+from pynetdicom import _config, build_context
 from pynetdicom.dsutils import encode
 
 from gateway.config import Config
 from gateway.dimse import scu
 from gateway.dimse.codec import store_request_bytes
-from gateway.dimse.fastpath import direct_socket
 from gateway.errors import PeerGone
 from gateway.forward import outcome
 from gateway.forward.outcome import Outcome, Verdict
@@ -110,6 +111,9 @@ class DimseTransport:
         self._ae = None
         self._tls_args = None  # built at the first association (loads the CA and key files)
         self._msg_id = 0
+        self.fast = config.performance.pynetdicom_fast_path
+        if not self.fast:  # pynetdicom's public API: send_c_store streams a file it is given
+            _config.STORE_SEND_CHUNKED_DATASET = True
 
     def close(self) -> None:
         """Nothing is held between batches: each ``send`` releases its associations."""
@@ -134,12 +138,39 @@ class DimseTransport:
         self._msg_id = self._msg_id % 65535 + 1
         return self._msg_id
 
-    def _c_store(self, link, item: queue.Item, cx, convert: bool) -> tuple[int, str]:
+    def _link(self, assoc, timeout: float):
+        """Fast path: the association's socket taken for our requests; else pynetdicom's own."""
+        if self.fast:
+            from gateway.dimse.fastpath import direct_socket
+
+            return direct_socket(assoc, timeout)
+        return nullcontext(None)
+
+    def _c_store_public(self, assoc, item: queue.Item, cx, convert: bool) -> tuple[int, str]:
+        """pynetdicom's ``send_c_store``: the file streamed in chunks, or the converted data set."""
+        path = self.data_dir / item.path
+        if convert:
+            ds = dcmread(path)
+            ts = cx.transfer_syntax[0]  # pynetdicom encodes the data set as its file meta says
+            ds.file_meta.TransferSyntaxUID = ts
+            ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, ds.original_character_set)
+            status = assoc.send_c_store(ds)
+        else:
+            status = assoc.send_c_store(path)
+        if status is None or "Status" not in status:
+            if assoc.is_aborted:
+                raise PeerGone("aborted the association")
+            raise TimeoutError("no response")
+        return int(status.Status), str(status.get("ErrorComment", "") or "")
+
+    def _c_store(self, link, item: queue.Item, cx, convert: bool, assoc=None) -> tuple[int, str]:
         """Send one C-STORE and read its own response: (status, error comment).
 
         The data set is streamed from the stored file after its meta header, as it is; only a
         conversion between uncompressed syntaxes decodes and re-encodes it.
         """
+        if link is None:
+            return self._c_store_public(assoc, item, cx, convert)
         path = self.data_dir / item.path
         msg_id = self._next_msg_id()
         command = store_request_bytes(msg_id, item.sop_class_uid, item.sop_instance_uid)
@@ -176,7 +207,7 @@ class DimseTransport:
                 return
             clean = False
             try:
-                with direct_socket(assoc, timeout) as link:
+                with self._link(assoc, timeout) as link:
                     while todo and not stopping():
                         item = todo[0]
                         cx, convert = choose_context(assoc.accepted_contexts, item)
@@ -185,7 +216,7 @@ class DimseTransport:
                             yield [(item, convert)]
                             continue
                         try:
-                            status, comment = self._c_store(link, item, cx, convert)
+                            status, comment = self._c_store(link, item, cx, convert, assoc)
                         except LOST:
                             raise
                         except Exception as exc:  # noqa: BLE001 - unreadable file, or one pydicom cannot convert
@@ -213,7 +244,6 @@ class DimseTransport:
                     yield [(i, lost) for i in todo]
                     todo.clear()
             finally:
-                log.warning("DEBUG releasing %s", clean)
                 if clean and assoc.is_established:
                     assoc.release()
                 elif assoc.is_established:

@@ -25,6 +25,7 @@ from gateway import config as config_mod
 from gateway.storage import db, queue, sendfiles
 from gateway.forward import sender as forward
 from tests.conftest import free_port, port_open, stop_process, wait_until
+from tests.integration.modes import fast_path, performance  # noqa: F401 (fixture)
 
 SMALL = {"rows": 64, "columns": 64}
 
@@ -66,8 +67,9 @@ def assert_in_orthanc_unchanged(orthanc, paths) -> None:
         assert stored.PixelData == original.PixelData
 
 
-def test_received_and_sent_instances_reach_orthanc_unchanged(dcmtk, orthanc, ct_series, gateway_factory):
+def test_received_and_sent_instances_reach_orthanc_unchanged(dcmtk, orthanc, ct_series, gateway_factory, fast_path):
     gw = gateway_factory(
+        performance=performance(fast_path),
         destinations={"pacs": dest_cfg(orthanc.aet, orthanc.dicom_port)},
         routes={"received": ["pacs"]},
     )
@@ -190,9 +192,11 @@ def test_a_hung_destination_does_not_hold_up_a_live_one(ct_series, storescp, gat
 # --------------------------------------------------------------------------- in-process sender
 
 
-def sender_config(tmp_path: Path, port: int, aet: str = "STORESCP", **retry) -> config_mod.Config:
+def sender_config(tmp_path: Path, port: int, aet: str = "STORESCP", fast: bool = True,
+                  **retry) -> config_mod.Config:
     return config_mod.parse(
         {
+            "performance": performance(fast),
             "node": {"ae_title": "GATEWAY", "data_dir": str(tmp_path / "var")},
             "storage": {"min_free_bytes": 0},
             "destinations": {"scp": dest_cfg(aet, port)},
@@ -202,7 +206,7 @@ def sender_config(tmp_path: Path, port: int, aet: str = "STORESCP", **retry) -> 
     )
 
 
-def test_refused_transfer_syntax_fails_at_once_with_that_reason(tmp_path, ct_series, storescp):
+def test_refused_transfer_syntax_fails_at_once_with_that_reason(tmp_path, ct_series, storescp, fast_path):
     port, out, _proc = storescp()  # DCMTK storescp accepts uncompressed syntaxes only
     plain = ct_series(1, **SMALL)[0]
     ds = pydicom.dcmread(plain)
@@ -212,7 +216,7 @@ def test_refused_transfer_syntax_fails_at_once_with_that_reason(tmp_path, ct_ser
     jpeg = tmp_path / "j2k.dcm"
     ds.save_as(jpeg, enforce_file_format=True)
 
-    config = sender_config(tmp_path, port)
+    config = sender_config(tmp_path, port, fast=fast_path)
     report = sendfiles.queue_files(config, "scp", [plain, jpeg])
     assert report.queued == 2 and report.problems == []
     sender = forward.Sender(config, "scp")
@@ -229,7 +233,7 @@ def test_refused_transfer_syntax_fails_at_once_with_that_reason(tmp_path, ct_ser
     assert len(list(out.iterdir())) == 1
 
 
-def test_explicit_vr_files_are_converted_for_an_implicit_only_peer(tmp_path, dcmtk, ct_series):
+def test_explicit_vr_files_are_converted_for_an_implicit_only_peer(tmp_path, dcmtk, ct_series, fast_path):
     port = free_port()
     out = tmp_path / "implicit-out"
     out.mkdir()
@@ -240,7 +244,7 @@ def test_explicit_vr_files_are_converted_for_an_implicit_only_peer(tmp_path, dcm
     try:
         wait_until(lambda: port_open(port), 15, what="storescp +xi to listen")
         paths = ct_series(3, **SMALL)
-        config = sender_config(tmp_path, port)
+        config = sender_config(tmp_path, port, fast=fast_path)
         assert sendfiles.queue_files(config, "scp", paths).queued == 3
         sender = forward.Sender(config, "scp")
         try:
@@ -271,11 +275,11 @@ def test_send_reports_files_it_cannot_queue(tmp_path, ct_series):
     assert origins == {"manual"}
 
 
-def test_peer_abort_mid_batch_reconnects_and_loses_nothing(tmp_path, ct_series, storescp):
+def test_peer_abort_mid_batch_reconnects_and_loses_nothing(tmp_path, ct_series, storescp, fast_path):
     """storescp killed and restarted under a batch: the aborted item is retried, none is lost."""
     port, out, proc = storescp()
     paths = ct_series(120, rows=128, columns=128)
-    config = sender_config(tmp_path, port, max_attempts=20)
+    config = sender_config(tmp_path, port, fast=fast_path, max_attempts=20)
     assert sendfiles.queue_files(config, "scp", paths).queued == 120
     sender = forward.Sender(config, "scp")
     try:
@@ -313,7 +317,7 @@ def _quiet_pynetdicom():
     logger.setLevel(level)
 
 
-def test_a_response_that_never_comes_replaces_the_association_and_retries(tmp_path, ct_series):
+def test_a_response_that_never_comes_replaces_the_association_and_retries(tmp_path, ct_series, fast_path):
     """A peer that answers one C-STORE too late (a lost response looks the same to us): the
     sender gives up on it after the DIMSE timeout, opens a new association, sends the item
     again and marks it sent only on the second, real response. The peer is pynetdicom's own
@@ -347,6 +351,7 @@ def test_a_response_that_never_comes_replaces_the_association_and_retries(tmp_pa
                 "storage": {"min_free_bytes": 0},
                 "destinations": {"scp": dest_cfg("SLOWSCP", port)},
                 "forward": {"dimse_timeout_seconds": 1},
+                "performance": performance(fast_path),
             }
         )
         assert sendfiles.queue_files(config, "scp", paths).queued == 4

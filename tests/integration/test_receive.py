@@ -20,6 +20,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.conftest import wait_until
+from tests.integration.modes import fast_path, performance  # noqa: F401 (fixture)
 
 MB = 1024 * 1024
 
@@ -91,8 +92,8 @@ def assert_stored_as_sent(gw, sources: list[Path], calling="STORESCU"):
 # --------------------------------------------------------------------------- storing
 
 
-def test_store_bundled_and_synthetic_series_then_echo(dcmtk, gateway_factory, ct_series, tmp_path):
-    gw = gateway_factory()
+def test_store_bundled_and_synthetic_series_then_echo(dcmtk, gateway_factory, ct_series, tmp_path, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
     bundled = [Path(get_testdata_file(name)) for name in ("CT_small.dcm", "MR_small.dcm")]
     series = ct_series(100, 128, 128)
@@ -117,8 +118,8 @@ def test_store_bundled_and_synthetic_series_then_echo(dcmtk, gateway_factory, ct
     assert '"instances": 102' in status.stdout and '"series": 3' in status.stdout
 
 
-def test_compressed_instances_are_stored_as_received(dcmtk, gateway_factory):
-    gw = gateway_factory()
+def test_compressed_instances_are_stored_as_received(dcmtk, gateway_factory, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     # storescu proposes the compressed syntax first and the uncompressed ones after it;
     # the gateway must pick the compressed one (DCMTK cannot decode JPEG 2000 here anyway).
     files = []
@@ -145,8 +146,8 @@ def test_same_sop_instance_again_replaces_and_keeps_one_row(dcmtk, gateway_facto
     assert dataset_bytes(stored_files(gw)[0]) == dataset_bytes(first.with_name("changed.dcm"))
 
 
-def test_four_parallel_storescu_all_stored_and_indexed(dcmtk, gateway_factory, ct_series):
-    gw = gateway_factory()
+def test_four_parallel_storescu_all_stored_and_indexed(dcmtk, gateway_factory, ct_series, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     series = [ct_series(50, 64, 64, seed=k) for k in range(4)]
     procs = [
         subprocess.Popen(
@@ -350,11 +351,11 @@ def sha256_of_dataset(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_600_mb_instance_with_bounded_memory(dcmtk, gateway_factory, tmp_path):
+def test_600_mb_instance_with_bounded_memory(dcmtk, gateway_factory, tmp_path, fast_path):
     big = tmp_path / "big.dcm"
     write_big_multiframe(big, frames=1200)  # 1200 x 512 x 512 x 2 bytes = 629 MB of pixels
     assert big.stat().st_size > 600 * 1000 * 1000
-    gw = gateway_factory(node={"max_pdu_size": 262144})
+    gw = gateway_factory(node={"max_pdu_size": 262144}, performance=performance(fast_path))
     assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0  # warm up, then take the baseline
     proc = psutil.Process(gw.proc.pid)
     idle = proc.memory_info().rss
@@ -387,13 +388,28 @@ def test_600_mb_instance_with_bounded_memory(dcmtk, gateway_factory, tmp_path):
 # --------------------------------------------------------------------------- disk space
 
 
-def test_below_min_free_bytes_is_out_of_resources(dcmtk, gateway_factory, ct_series):
-    gw = gateway_factory(storage={"min_free_bytes": 2**60})
+def test_below_min_free_bytes_is_out_of_resources(dcmtk, gateway_factory, ct_series, fast_path):
+    gw = gateway_factory(storage={"min_free_bytes": 2**60}, performance=performance(fast_path))
     files = ct_series(2, 64, 64)
     assert store_statuses(dcmtk, gw, *files) == ["Refused: OutOfResources"] * 2
     assert rows(gw) == {} and stored_files(gw) == []
     assert "storage.min_free_bytes" in gw.log()
     assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
+
+
+def test_an_instance_over_max_instance_bytes_is_out_of_resources(dcmtk, gateway_factory, ct_series, fast_path):
+    """storage.max_instance_bytes holds end to end in both modes: a real storescu gets 0xA700,
+    nothing is kept, the next instance within the limit is stored."""
+    small = ct_series(1, 64, 64)[0]  # ~9 kB
+    big = ct_series(1, 256, 256, seed=7)[0]  # ~132 kB
+    gw = gateway_factory(storage={"min_free_bytes": 0, "max_instance_bytes": 64 * 1024},
+                         performance=performance(fast_path))
+    assert store_statuses(dcmtk, gw, big) == ["Refused: OutOfResources"]
+    assert rows(gw) == {} and stored_files(gw) == []
+    assert "storage.max_instance_bytes" in gw.log()
+    store_ok(dcmtk, gw, small)
+    assert len(rows(gw)) == 1
+    assert not list((var(gw) / "tmp").iterdir()), "a refused instance left its file behind"
 
 
 @pytest.fixture
