@@ -1,8 +1,9 @@
 """The README's DICOMweb server examples (token, STOW, QIDO, WADO, jobs, 401), run literally with curl.
 
-The blocks are read from README.md. The gateway listens on 127.0.0.1:8080 as in the README
-(the port must be free); its config is the README's ``http`` block with the hash the first
-block printed (the Basic user's placeholder hash replaced by a real one).
+The blocks are read from README.md and run as printed, with one substitution: the README's
+``127.0.0.1:8080`` becomes a free port (several test runs share this machine). The gateway's
+config is the README's ``http`` block with that port and the hash the first block printed
+(the Basic user's placeholder hash replaced by a real one).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REPO, GatewayProcess, free_port, port_open, require_program, wait_until
+from tests.conftest import REPO, GatewayProcess, free_port, require_program, wait_until
 from tests.integration.web_node import multipart_parts
 from gateway.web import hashing
 
@@ -59,9 +59,9 @@ def _multipart_file(path: Path) -> list:
 
 def test_readme_dicomweb_examples_run_literally(tmp_path):
     require_program("/usr/bin/curl")
-    if port_open(8080):
-        pytest.fail("port 8080 is in use; the README's DICOMweb examples need it free")
-    sh_blocks = blocks("sh")
+    port = free_port()
+    sh_blocks = [b.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for b in blocks("sh")]
+    assert sum("127.0.0.1:8080" in b for b in blocks("sh")) >= 4
     assert len(sh_blocks) == 6, sh_blocks
     home = tmp_path / "checkout"
     (home / "scripts").mkdir(parents=True)
@@ -82,6 +82,8 @@ def test_readme_dicomweb_examples_run_literally(tmp_path):
     # the README's http block, with the printed hash
     [http_yaml] = [b for b in blocks("yaml") if b.startswith("http:")]
     http = yaml.safe_load(http_yaml)["http"]
+    assert http["port"] == 8080
+    http["port"] = port
     http["auth"]["tokens"][0]["hash"] = digest
     http["auth"]["users"][0]["hash"] = hashing.hash_secret("viewer password")
     config = {"node": {"ae_title": "GATEWAY", "port": free_port(), "data_dir": "var"},
@@ -113,7 +115,7 @@ def test_readme_dicomweb_examples_run_literally(tmp_path):
         assert state["name"] == "web-mask-1" and state["state"] in ("queued", "waiting", "done")
         done = wait_until(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(
             json.loads(sh('curl -s -H "Authorization: Bearer $(cat ai-tool.token)" '
-                          "http://127.0.0.1:8080/api/inbox/jobs/web-mask-1"))), 60, 0.3, "the job")
+                          f"http://127.0.0.1:{port}/api/inbox/jobs/web-mask-1"))), 60, 0.3, "the job")
         assert done["state"] == "done" and done["result"]["sop_class"], done
         # 6. no token: 401
         assert sh(sh_blocks[5]).strip() == "401"

@@ -2,7 +2,7 @@
 
 The blocks are read from README.md, so the README cannot drift from what works. The
 walkthrough uses the default config and Orthanc's Debian defaults, so this test needs the
-ports 11112, 4242 and 8042 free. One substitution: instead of ``Orthanc /etc/orthanc/``
+ports 11112, 8080 (its HTTP server), 4242 and 8042 free. One substitution: instead of ``Orthanc /etc/orthanc/``
 (which would write into the machine's /var/lib/orthanc) the test starts Orthanc with the
 same AE title and ports but a temporary storage folder.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO, make_orthanc, port_open, require_program, stop_process, wait_until
 
-PORTS = {"gateway": 11112, "Orthanc DICOM": 4242, "Orthanc HTTP": 8042}
+PORTS = {"gateway": 11112, "gateway HTTP": 8080, "Orthanc DICOM": 4242, "Orthanc HTTP": 8042}
 
 
 def walkthrough_blocks() -> list[str]:
