@@ -33,6 +33,12 @@ def pki(tmp_path):
     }
 
 
+@pytest.fixture(params=[True, False], ids=["fast-path", "public-api"])
+def fast_path(request) -> bool:
+    """Both receive/forward modes (issue 10): the fast path reads and writes the SSLSocket itself."""
+    return request.param
+
+
 def _tls_args(leaf=None, ca=None):
     args = []
     if leaf is not None:
@@ -58,7 +64,7 @@ def _type(event: dict) -> str | None:
     return types[0]["csd-code"] if types else None
 
 
-def test_tls_listener_peers_and_audit(gateway_factory, dcmtk, ct_series, pki):
+def test_tls_listener_peers_and_audit(gateway_factory, dcmtk, ct_series, pki, fast_path):
     """One mixed run: stored over TLS with a client certificate and over the plain port; refused
     without a certificate, with a foreign CA's, with the wrong CN, over plain TCP when TLS is
     required, from a disallowed address and under an unknown AE title; the audit trail holds
@@ -70,6 +76,7 @@ def test_tls_listener_peers_and_audit(gateway_factory, dcmtk, ct_series, pki):
                       "require_client_cert": True}},
         security={"peers": {"MODALITY": {"hosts": ["127.0.0.1"]},
                             "SITEB": {"hosts": ["127.0.0.0/8"], "tls_subject_cn": "site-b.test"}}},
+        performance={"pynetdicom_fast_path": fast_path},
     )
     wait_until(lambda: port_open(tls_port), 10, what="the TLS listener")
     ca = pki["ca"].ca_file
@@ -168,7 +175,7 @@ def _start_storescp_tls(dcmtk, out: Path, leaf, ca: Path, port: int, require_cer
 
 
 def test_forward_over_tls_to_orthanc_and_storescp(gateway_factory, dcmtk, orthanc_factory, ct_series,
-                                                  pki, tmp_path):
+                                                  pki, tmp_path, fast_path):
     """Delivered to Orthanc with DICOM TLS (client certificate required) and to storescp +tls;
     a peer whose certificate names another host gets nothing and the item says 'name mismatch'."""
     ca = pki["ca"]
@@ -196,6 +203,7 @@ def test_forward_over_tls_to_orthanc_and_storescp(gateway_factory, dcmtk, orthan
             },
             routes={"received": ["orthanc", "scp", "bad"]},
             retry={"max_attempts": 2, "initial_backoff_seconds": 0.2, "max_backoff_seconds": 0.5},
+            performance={"pynetdicom_fast_path": fast_path},
         )
         echo = gw.cli("echo", "orthanc")
         assert echo.returncode == 0, echo.stderr
