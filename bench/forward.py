@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: --baseline DIR: another checkout's gateway pass as tool "baseline" (before/after, same run).
+BASELINE: Path | None = None
 
 
 def free_port() -> int:
@@ -141,14 +143,16 @@ class Orthanc(Target):
 def run_tool(tool: str, target: Target, files: list[Path], folder: Path) -> dict:
     """Run one tool once; return wall seconds (and the gateway's pass time)."""
     result = {}
-    if tool == "gateway":
-        config = folder / f"gateway-{target.name}.yaml"
+    if tool in ("gateway", "gateway-public", "baseline"):
+        config = folder / (f"gateway-public-{target.name}.yaml" if tool == "gateway-public"
+                           else f"gateway-{target.name}.yaml")
         db_path = folder / "gw" / "gateway.sqlite3"
         import sqlite3
 
         with sqlite3.connect(db_path) as conn:  # every row due again, as if just received
             conn.execute("UPDATE queue SET state='pending', attempts=0, next_attempt_at=0, last_error=NULL")
-        cmd = [sys.executable, __file__, "_pass", str(config), target.name]
+        script = BASELINE / "bench" / "forward.py" if tool == "baseline" else __file__
+        cmd = [sys.executable, str(script), "_pass", str(config), target.name]
     elif tool == "dcmtk-storescu":
         cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", target.aet, "127.0.0.1",
                str(target.port), *map(str, files)]
@@ -162,7 +166,7 @@ def run_tool(tool: str, target: Target, files: list[Path], folder: Path) -> dict
     result["seconds"] = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"{tool} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    if tool == "gateway":
+    if tool in ("gateway", "gateway-public", "baseline"):
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         if out["sent"] != len(files):
             raise SystemExit(f"gateway sent {out['sent']} of {len(files)}")
@@ -226,17 +230,21 @@ def main() -> None:
                    "storage": {"min_free_bytes": 0}, "destinations": dests,
                    "logging": {"level": "WARNING"}}
             (folder / f"gateway-{t.name}.yaml").write_text(yaml.safe_dump(cfg))
+            public = {**cfg, "performance": {"pynetdicom_fast_path": False}}
+            (folder / f"gateway-public-{t.name}.yaml").write_text(yaml.safe_dump(public))
         config = config_mod.load(folder / f"gateway-{targets[0].name}.yaml")
         for t in targets:
             report = sendfiles.queue_files(config, t.name, [folder / "corpus"])
             assert report.queued == len(files) and not report.problems, report
 
-        tools = ["gateway", "dcmtk-storescu", "pynetdicom-storescu"]
+        tools = ["gateway", "gateway-public", "dcmtk-storescu", "pynetdicom-storescu"]
+        if BASELINE is not None:
+            tools.append("baseline")
         print(f"corpus: {len(files)} instances, {args.size}x{args.size} int16, {total_mb:.1f} MB; "
               f"{args.rounds} rounds, order rotated each round; cpus: {os.cpu_count()}")
         for target in targets:
             times: dict[str, list[float]] = {t: [] for t in tools}
-            passes: list[float] = []
+            passes: dict[str, list[float]] = {}
             for r in range(args.rounds):
                 order = tools[r % len(tools):] + tools[: r % len(tools)]
                 for tool in order:
@@ -244,7 +252,7 @@ def main() -> None:
                     res = run_tool(tool, target, files, folder)
                     times[tool].append(res["seconds"])
                     if "pass_seconds" in res:
-                        passes.append(res["pass_seconds"])
+                        passes.setdefault(tool, []).append(res["pass_seconds"])
                     print(f"  round {r + 1} {target.name:8} {tool:20} {res['seconds']:6.2f} s"
                           + (f" (pass {res['pass_seconds']:.2f} s)" if "pass_seconds" in res else ""),
                           flush=True)
@@ -253,11 +261,17 @@ def main() -> None:
             print(f"  {'tool':22} {'inst/s':>8} {'MB/s':>8} {'seconds':>8}")
             for tool in tools:
                 print(f"  {tool:22} {len(files) / med[tool]:8.1f} {total_mb / med[tool]:8.1f} {med[tool]:8.2f}")
-            gp = statistics.median(passes)
-            print(f"  {'gateway pass (daemon)':22} {len(files) / gp:8.1f} {total_mb / gp:8.1f} {gp:8.2f}")
+            pm = {tool: statistics.median(v) for tool, v in passes.items()}
+            for tool, gp in pm.items():
+                label = f"{tool} pass (daemon)"
+                print(f"  {label:22} {len(files) / gp:8.1f} {total_mb / gp:8.1f} {gp:8.2f}")
             print(f"  ratio gateway/pynetdicom-storescu: {med['pynetdicom-storescu'] / med['gateway']:.2f}x")
             print(f"  ratio gateway/dcmtk-storescu:      {med['dcmtk-storescu'] / med['gateway']:.2f}x")
-            print(f"  ratio gateway pass/dcmtk-storescu: {med['dcmtk-storescu'] / gp:.2f}x\n")
+            print(f"  ratio gateway pass/dcmtk-storescu: {med['dcmtk-storescu'] / pm['gateway']:.2f}x")
+            print(f"  ratio gateway-public pass/dcmtk-storescu: {med['dcmtk-storescu'] / pm['gateway-public']:.2f}x")
+            if "baseline" in pm:
+                print(f"  ratio gateway pass/baseline pass: {pm['baseline'] / pm['gateway']:.2f}x")
+            print()
         if args.dicomweb:
             dicomweb_case.run(args, folder, files, ENV, __file__)
     finally:

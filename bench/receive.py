@@ -71,7 +71,11 @@ from tests.conftest import free_port, make_orthanc, port_open, stop_process, wai
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 AS_INSTALLED_ENV = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
 CORPORA = {"ct": (200, 512), "small": (1000, 64)}
-RECEIVERS = ["gateway", "dcmtk", "pynetdicom", "orthanc", "gateway-nagle", "gateway-tls", "dcmtk-tls"]
+RECEIVERS = ["gateway", "gateway-public", "dcmtk", "pynetdicom", "orthanc", "gateway-nagle",
+             "gateway-tls", "dcmtk-tls"]
+#: --baseline DIR adds the receiver "baseline": the gateway of another checkout (e.g. main
+#: before a change), run from DIR in the same rounds, so before/after is one same-run ratio.
+BASELINE: Path | None = None
 
 
 class Pki:
@@ -111,7 +115,7 @@ class Receiver:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "receiver.log", "ab")
         kind = self.kind.removesuffix("-nagle").removesuffix("-tls")
-        if kind == "gateway":
+        if kind in ("gateway", "gateway-public", "baseline"):
             cfg = {
                 "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port,
                          "data_dir": str(self.folder / "var")},
@@ -126,9 +130,14 @@ class Receiver:
                                       "key_file": str(self.pki.server.key),
                                       "ca_file": str(self.pki.ca.ca_file)}
                 self.port = tls_port
+            if kind == "gateway-public":  # pynetdicom's public API only, no dimse.fastpath
+                cfg["performance"] = {"pynetdicom_fast_path": False}
+            if kind == "baseline":
+                cfg.pop("http")  # an older checkout may not know these keys
             (self.folder / "gateway.yaml").write_text(yaml.safe_dump(cfg))
             cmd = [sys.executable, "-m", "gateway", "run", "-c", str(self.folder / "gateway.yaml")]
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            cwd = BASELINE if kind == "baseline" else REPO  # -m imports the package from cwd
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         elif kind == "dcmtk":
             out = self.folder / "out"
             out.mkdir()
@@ -204,7 +213,7 @@ def send(receiver: Receiver, files: list[Path], nagle: bool) -> tuple[float, int
 
 
 def count_stored(receiver: Receiver) -> int:
-    if receiver.kind.startswith("gateway"):
+    if receiver.kind.startswith("gateway") or receiver.kind == "baseline":
         return sum(1 for _ in (receiver.folder / "var" / "store").rglob("*.dcm"))
     if receiver.kind == "orthanc":
         return len(receiver.orthanc.instances())
@@ -218,8 +227,14 @@ def main() -> int:
     parser.add_argument("--receivers", default=",".join(RECEIVERS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicom-gateway-bench")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout whose gateway runs as receiver 'baseline' (before/after)")
     args = parser.parse_args()
     receivers = args.receivers.split(",")
+    global BASELINE
+    if args.baseline is not None:
+        BASELINE = args.baseline.resolve()
+        receivers.append("baseline")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-receive-"))
     results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     pki = Pki(work / "pki") if any(r.endswith("-tls") for r in receivers) else None
@@ -257,9 +272,13 @@ def main() -> int:
                 print(f"  {kind:14s} {len(files) / t:9.1f} {total / t / 1e6:8.1f} "
                       f"{statistics.median(r[2] for r in runs) / 1e6:8.1f}")
             g = med.get("gateway")
-            for other in ("pynetdicom", "dcmtk", "orthanc"):
+            for other in ("gateway-public", "baseline", "pynetdicom", "dcmtk", "orthanc"):
                 if g and other in med:
                     print(f"  gateway / {other}: {g / med[other]:.2f}x")
+            p = med.get("gateway-public")
+            for other in ("pynetdicom", "orthanc"):
+                if p and other in med:
+                    print(f"  gateway-public / {other}: {p / med[other]:.2f}x")
             gt = med.get("gateway-tls")
             if gt and "dcmtk-tls" in med:
                 print(f"  gateway-tls / dcmtk-tls: {gt / med['dcmtk-tls']:.2f}x")

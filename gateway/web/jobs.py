@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile
 
 from gateway.errors import GatewayError
 from gateway.storage import jobs as job_rows
+from gateway.storage.files import fsync_dir
 from gateway.web.app import Deps, get_deps
 from gateway.web.auth import Identity, require_scope
 
@@ -42,14 +43,6 @@ class JobAnswer(BaseModel):
     state: str  # queued | waiting | done | failed
     error: str | None = None
     result: dict | None = None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _new_name(clock=time.time) -> str:
@@ -112,9 +105,9 @@ def submit(deps: Deps, name: str, array: UploadFile, sidecar: UploadFile) -> Job
         if _existing(inbox, name):
             raise HTTPException(409, f"a job named {name} already exists; give every job a unique name")
         os.replace(array_path, inbox / array_path.name)
-        _fsync_dir(inbox)
+        fsync_dir(inbox)
         os.replace(sidecar_path, inbox / sidecar_path.name)
-        _fsync_dir(inbox)
+        fsync_dir(inbox)
     finally:
         shutil.rmtree(upload_dir, ignore_errors=True)
     return JobAnswer(name=name, state="queued")
