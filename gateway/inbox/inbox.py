@@ -49,6 +49,8 @@ from gateway.errors import GiveUp, JobError, RetryLater, StorageFull, Unreadable
 log = logging.getLogger("gateway.inbox")
 
 #: Where ``checkpoint`` is called in a job (tests kill the process there to prove exactly-once).
+#: Derivations of one job that may start without finishing before it fails (poison job).
+MAX_DERIVE_ATTEMPTS = 3
 CHECKPOINTS = ("before_encode", "after_store", "after_commit", "before_move")
 
 
@@ -285,6 +287,14 @@ class Inbox:
                 and "Rows" in sources[0] and "Columns" in sources[0]):
             arrays.check_against_source(info, job.array.name, len(sources),
                                         int(sources[0].Rows), int(sources[0].Columns))
+        started = row["derive_attempts"] if "derive_attempts" in row.keys() else 0
+        if started >= MAX_DERIVE_ATTEMPTS:
+            raise JobError(
+                f"the gateway stopped {started} times while deriving this job (killed for lack of "
+                "memory, or crashed); it is not tried again: check the array and the node's "
+                "memory, then drop the job again")
+        with db.transaction(self.conn):  # committed first: a crash during the derive counts
+            jobs.start_derive(self.conn, job.name)
         arr = arrays.load(array_path, info, job.array.name)
         self._checkpoint("before_encode")
         # Same job, same first-seen time -> same UIDs: a rerun after a crash rewrites one file.

@@ -151,6 +151,11 @@ CREATE INDEX instance_attributes_accession ON instance_attributes(accession_numb
     ("queue.generation", """
         ALTER TABLE queue ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
     """),
+    # How often a derivation of this job started without finishing (a crash, an OOM kill):
+    # the inbox gives up on a job after three, instead of crash-looping at every start.
+    ("jobs.derive_attempts", """
+        ALTER TABLE jobs ADD COLUMN derive_attempts INTEGER NOT NULL DEFAULT 0;
+    """),
 ]
 
 

@@ -52,6 +52,11 @@ def mark_done(conn: sqlite3.Connection, name: str, sop_instance_uid: str, series
     )
 
 
+def start_derive(conn: sqlite3.Connection, name: str) -> None:
+    """Count one derivation start of a job (committed before the derivation runs)."""
+    conn.execute("UPDATE jobs SET derive_attempts = derive_attempts + 1 WHERE name = ?", (name,))
+
+
 def mark_failed(conn: sqlite3.Connection, name: str, error: str, now: float) -> None:
     conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE name = ?",
                  (JobState.FAILED.value, now, error, name))

@@ -109,3 +109,31 @@ def test_a_job_name_that_is_not_utf8_fails_with_a_reason(gw):
     assert "not valid UTF-8" in text
     assert (folder / "done" / "good.result.yaml").exists()
     assert run_bounded(inbox) == 0  # nothing left to retry for ever
+
+
+class Killed(BaseException):
+    """Stands in for an OOM kill or a segfault in the middle of a derivation."""
+
+
+def test_a_job_that_kills_the_process_three_times_fails_instead_of_crash_looping(tmp_path, series):  # noqa: F811
+    paths, sources = series
+    config = load_config(tmp_path / "gw")
+    index_sources(config, paths)
+    src = {"series_instance_uid": str(sources[0].SeriesInstanceUID)}
+    drop_job(config.inbox.path, "poison", np.ones((N, R, C), bool), {"source": src})
+
+    def kill(point: str) -> None:
+        if point == "before_encode":
+            raise Killed
+
+    for start in range(3):  # three gateway starts, each killed while deriving the job
+        inbox = Inbox(config, checkpoint=kill)
+        with pytest.raises(Killed):
+            inbox.run_once()
+        inbox.close()
+    inbox = Inbox(config, checkpoint=kill)  # the fourth start: the job fails, the node lives
+    try:
+        assert run_bounded(inbox) == 1
+    finally:
+        inbox.close()
+    assert "stopped 3 times while deriving this job" in error_text(config.inbox.path, "poison")
