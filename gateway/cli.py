@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import shutil
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,11 @@ def _watch_status(config: Config, args) -> int:
     tty = sys.stdout.isatty()
     try:
         while True:
-            report = status.collect(config, now=time.time())
+            try:
+                report = status.collect(config, now=time.time())
+            except sqlite3.OperationalError:  # the database is being created or migrated right now
+                time.sleep(args.interval)
+                continue
             if args.json:
                 print(json.dumps(report, sort_keys=True), flush=True)
             elif tty:

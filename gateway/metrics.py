@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "dicom_gateway"
@@ -202,10 +202,6 @@ class Metrics:
         self.http_requests = Counter(
             f"{p}_http_requests", "HTTP requests by endpoint (route template) and status code.",
             ["endpoint", "status"], registry=r)
-        self.rule_matches = Counter(
-            f"{p}_rule_matches", "Routing rule matches.", ["rule"], registry=r)
-        self.trigger_fires = Counter(
-            f"{p}_trigger_fires", "Series-complete triggers fired.", ["trigger"], registry=r)
         for name in self.dest.allowed:  # every destination visible from the first scrape
             for c in (self.instances_sent, self.send_retries, self.send_failures):
                 c.labels(name)
@@ -260,11 +256,6 @@ class Metrics:
     def http_request(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()
 
-    def rule_matched(self, rule: str) -> None:
-        self.rule_matches.labels(self.rule(rule)).inc()
-
-    def trigger_fired(self, trigger: str) -> None:
-        self.trigger_fires.labels(self.trigger(trigger)).inc()
 
 
 def _iter(value) -> list:
@@ -312,16 +303,26 @@ class StateCollector(Collector):
             f"{p}_queue_oldest_pending_age_seconds",
             "Age of the oldest item not yet sent (0 when none), per destination.", labels=["destination"])
         up = GaugeMetricFamily(f"{p}_database_up", "1 when the database could be read at this scrape.")
+        rules = CounterMetricFamily(f"{p}_rule_matches", "Instances each routing rule routed (kept in the database).",
+                                    labels=["rule"])
+        fires = CounterMetricFamily(f"{p}_trigger_fires",
+                                    "Series-complete trigger firings, revisions included (kept in the database).",
+                                    labels=["trigger"])
+        rule_names = [r.name for r in getattr(self.config.routes, "rules", ())]
+        trigger_names = [t.name for t in getattr(self.config, "triggers", ())]
         try:
             conn = db.connect_readonly(self.config.db_path)
-            dests = {}
+            dests, matched, fired = {}, {}, {}
             if conn is not None:
                 try:
                     dests = queue.destination_status(conn, self.config.destinations, now)
+                    matched, fired = _rules_and_triggers(conn, rule_names, trigger_names)
                 finally:
                     conn.close()
-            else:
-                dests = {name: None for name in self.config.destinations}
+            for name in rule_names:
+                rules.add_metric([name], matched.get(name, 0))
+            for name in trigger_names:
+                fires.add_metric([name], fired.get(name, 0))
             for name in self.config.destinations:  # only configured names: bounded labels
                 d = dests.get(name)
                 for state in queue.State:
@@ -334,6 +335,8 @@ class StateCollector(Collector):
         yield items
         yield oldest
         yield up
+        yield rules
+        yield fires
         free = GaugeMetricFamily(f"{p}_free_disk_bytes", "Free bytes on the disk holding data_dir.")
         try:
             free.add_metric([], shutil.disk_usage(self.config.node.data_dir).free)
@@ -355,6 +358,20 @@ class StateCollector(Collector):
                 if left is not None:
                     expiry.add_metric([name], left)
             yield expiry
+
+
+def _rules_and_triggers(conn, rules: list[str], triggers: list[str]) -> tuple[dict, dict]:
+    """Matches per rule and firings per trigger, from the rows routing keeps (none before its migration)."""
+    import sqlite3
+
+    from gateway.storage import series
+
+    try:
+        matched = {k: v["matches"] for k, v in series.rule_match_counts(conn, rules).items()}
+        fired = series.trigger_fire_counts(conn, triggers)
+    except sqlite3.OperationalError:  # a database from before routing's migration
+        return {}, {}
+    return matched, fired
 
 
 def tls_certificates(config) -> dict[str, Path]:

@@ -29,11 +29,11 @@ from gateway.errors import FastPathUnavailable
 log = logging.getLogger("gateway.service")
 
 
-def _sender(config: Config, name: str, audit):
+def _sender(config: Config, name: str, audit, metrics):
     """The destination's sender; its transport follows the type (C-STORE or STOW-RS)."""
     from gateway.forward import sender as forward
 
-    return forward.Sender(config, name, audit=audit)
+    return forward.Sender(config, name, audit=audit, metrics=metrics)
 
 
 def run(config: Config, stop: threading.Event | None = None,
@@ -95,7 +95,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
 
     metrics = gateway_metrics.build(config)
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-    senders = {name: _sender(config, name, audit) for name in config.destinations}
+    senders = {name: _sender(config, name, audit, metrics) for name in config.destinations}
 
     def wake_senders(names) -> None:
         """Send new work now instead of at the next poll (derived objects: low latency)."""
@@ -109,7 +109,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
         if job is not None:
             job.modify(next_run_time=datetime.now(job.trigger.timezone))
 
-    poller = inbox.Inbox(config, on_queued=wake_senders,
+    poller = inbox.Inbox(config, on_queued=wake_senders, metrics=metrics,
                          checkpoint=crash_hook or (lambda point: None))
     watcher = InboxWatcher(config.inbox.path, poller.run_once) if config.inbox.watch_events else None
     series_triggers = (SeriesTriggers(config, on_fired=lambda: wake("webhooks"), crash_hook=crash_hook)
@@ -118,7 +118,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
     audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SUCCESS,
                  type_codes=(audit_trail.APPLICATION_START,), participants=_app(config))
     try:
-        server = receive.start_server(config, on_queued=wake_senders, audit=audit)
+        server = receive.start_server(config, on_queued=wake_senders, audit=audit, metrics=metrics)
     except Exception:
         audit.record(audit_trail.APPLICATION_ACTIVITY, audit_trail.Outcome.SERIOUS_FAILURE,
                      type_codes=(audit_trail.APPLICATION_STOP,), participants=_app(config),

@@ -35,6 +35,7 @@ from gateway.config import Config
 from gateway.dimse import peers, tls
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
+from gateway.metrics import Metrics
 from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.guard import ConnectionGuard
 from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool
@@ -224,7 +225,7 @@ def _audit_parties(assoc, called: str | None = None, calling: str | None = None)
     ]
 
 
-def _on_requested(event, config: Config, audit) -> None:
+def _on_requested(event, config: Config, audit, metrics: Metrics) -> None:
     """security.peers: calling AE + address + TLS client certificate, before any negotiation."""
     assoc = event.assoc
     rq = assoc.requestor.primitive
@@ -233,6 +234,7 @@ def _on_requested(event, config: Config, audit) -> None:
     reason = peers.rejection(config, calling, address, over_tls, tls.cert_common_name(cert))
     if reason is None:
         return
+    metrics.association(False, "peer_not_allowed")
     log.warning("rejected association from AE %s at %s:%s: %s", wire(calling, 16), address,
                 getattr(assoc.requestor, "port", "?"), wire(reason, 300))
     audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.MINOR_FAILURE,
@@ -243,8 +245,9 @@ def _on_requested(event, config: Config, audit) -> None:
     assoc.kill()  # as pynetdicom's own rejection does: returns once the A-ASSOCIATE-RJ is out
 
 
-def _on_established(event, audit) -> None:
+def _on_established(event, audit, metrics: Metrics) -> None:
     log.info("association from %s established", _peer(event.assoc))
+    metrics.association(True)
     audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.SUCCESS,
                  type_codes=(audit_trail.LOGIN,), participants=_audit_parties(event.assoc))
 
@@ -260,17 +263,20 @@ def _on_handshake_failed(address: tuple, reason: str, audit) -> None:
                  participants=[audit_trail.participant("?", requestor=True, address=str(address[0]))])
 
 
-def _on_rejected(event, config: Config, audit) -> None:
+def _on_rejected(event, config: Config, audit, metrics: Metrics) -> None:
     rq = event.assoc.requestor.primitive
     calling = str(getattr(rq, "calling_ae_title", "")).strip()
     called = str(getattr(rq, "called_ae_title", "")).strip()
     allowed = config.security.allowed_calling_aets
     if allowed and calling not in allowed:
         reason = f"calling AE title '{wire(calling, 16)}' is not in security.allowed_calling_aets"
+        metrics.association(False, "calling_ae_not_allowed")
     elif config.node.require_called_ae_title and called != config.node.ae_title:
         reason = f"called AE title '{wire(called, 16)}' is not ours ({config.node.ae_title!r})"
+        metrics.association(False, "called_ae_not_ours")
     else:
         reason = f"node.max_associations ({config.node.max_associations}) reached"
+        metrics.association(False, "busy")
     log.warning("rejected association from %s: %s", _peer(event.assoc), reason)
     audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.MINOR_FAILURE,
                  type_codes=(audit_trail.LOGIN,), description=reason,
@@ -291,8 +297,9 @@ def _status(result: Result) -> Dataset:
 
 
 def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
-              registry: Associations) -> Dataset:
+              registry: Associations, metrics: Metrics) -> Dataset:
     """Spooled data set -> store.ingest -> DIMSE status; log one line either way."""
+    started = time.monotonic()  # the whole data set is here: store latency runs from now to Success
     assoc = event.assoc
     req = event.request
     calling = str(assoc.requestor.ae_title).strip()
@@ -324,6 +331,7 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
                  result.size)
         if state.tally is not None:
             state.tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0)
+        metrics.received(calling, result.size or 0, time.monotonic() - started)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))
             on_queued(result.queued_for)
@@ -332,6 +340,7 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
             "refused SOP %s from AE %s with 0x%04X: %s",
             wire(req_sop, 70), wire(calling, 16), STATUS[result.outcome], wire(result.reason, 300),
         )
+    metrics.cstore_status(STATUS[result.outcome])
     return _status(result)
 
 
@@ -399,8 +408,9 @@ def _preferred_transfer_syntaxes() -> list[str]:
 
 
 def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
-                 audit=audit_trail.NULL) -> ReceiveServer:
+                 audit=audit_trail.NULL, metrics: Metrics | None = None) -> ReceiveServer:
     """Start the SCP on ``node.host:node.port`` (and ``node.tls.port``); listening when this returns."""
+    metrics = metrics if metrics is not None else Metrics()
     node = config.node
     spool_dir = tmp_dir(node.data_dir)
     make_dir(spool_dir)
@@ -450,13 +460,13 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_CONN_OPEN, _on_conn_open, [limits, registry]),
         (evt.EVT_CONN_CLOSE, _on_conn_close, [audit, registry]),
-        (evt.EVT_REQUESTED, _on_requested, [config, audit]),
-        (evt.EVT_ESTABLISHED, _on_established, [audit]),
+        (evt.EVT_REQUESTED, _on_requested, [config, audit, metrics]),
+        (evt.EVT_ESTABLISHED, _on_established, [audit, metrics]),
         (evt.EVT_RELEASED, _audit_received, [audit, registry]),
         (evt.EVT_ABORTED, _audit_received, [audit, registry]),
-        (evt.EVT_REJECTED, _on_rejected, [config, audit]),
+        (evt.EVT_REJECTED, _on_rejected, [config, audit, metrics]),
         (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_C_STORE, _on_store, [store, on_queued, registry]),
+        (evt.EVT_C_STORE, _on_store, [store, on_queued, registry, metrics]),
     ]
     if not fast:
         handlers.append((evt.EVT_PDU_RECV, _on_pdu_recv, [limits, registry]))

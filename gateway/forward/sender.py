@@ -20,6 +20,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from gateway import audit as audit_trail
+from gateway.metrics import Metrics
 from gateway.config import Config
 from gateway.dimse import scu
 from gateway.forward import outcome
@@ -104,9 +105,11 @@ class Sender:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         audit=audit_trail.NULL,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.name = name
+        self.metrics = metrics if metrics is not None else Metrics()
         self.dest = scu.destination(config, name)
         self.policy = queue.RetryPolicy.from_config(config.retry, rand)
         self.transport = transport or make_transport(config, name, clock)
@@ -186,17 +189,23 @@ class Sender:
         chunks = [[(item, outcome.missing(item.path)) for item in missing]] if missing else []
         sent = resolved = 0
         try:
+            last = time.monotonic()
             for results in _chain(chunks, self.transport.send(ready, self._stopping.is_set)):
+                # send latency per instance: the time this chunk took, shared by its instances
+                each, last = (time.monotonic() - last) / max(1, len(results)), time.monotonic()
                 self._log(results)
                 for item, result in results:
                     done.add(item.id)
                     out.add(item, result)
+                    final = result.verdict is not Verdict.RETRY or self.policy.final(item.attempts + 1)
                     if result.verdict is Verdict.SENT:
                         sent += 1
                         self._tally(item)
+                        self.metrics.sent(self.name, each)
                     else:
                         self._batch_failures.append(result.reason or "unknown")
-                    if result.verdict is not Verdict.RETRY or self.policy.final(item.attempts + 1):
+                        self.metrics.send_failed(self.name, for_good=final)
+                    if final:
                         resolved += 1
         finally:
             out.commit()

@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 from pydicom.uid import generate_uid
 
+from gateway.metrics import Metrics
 from gateway.storage import db, index, jobs
 from gateway.storage.datadir import make_dir
 from gateway.storage.header import read_header
@@ -74,10 +75,12 @@ class Inbox:
         on_queued: Callable[[Iterable[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
         checkpoint: Callable[[str], None] = lambda point: None,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.checkpoint = checkpoint
         self.on_queued = on_queued
+        self.metrics = metrics if metrics is not None else Metrics()
         self.clock = clock
         self.path = Path(config.inbox.path)
         self.done_dir = self.path / "done"
@@ -201,6 +204,7 @@ class Inbox:
         try:
             if job.problem:
                 raise JobError(job.problem)
+            started = time.monotonic()
             committed = self._derive_and_store(job, row, now)
         except GiveUp as exc:
             self._fail(job, str(exc))
@@ -229,6 +233,7 @@ class Inbox:
                 self.on_queued(destinations)
             except Exception:  # the senders' own poll picks the items up anyway
                 log.exception("job %s: waking the senders failed", job.name)
+        self.metrics.inbox_job("done", time.monotonic() - started)
         self._finish_done(job, self._job_row(job.name), result)
         return 1
 
@@ -365,6 +370,7 @@ class Inbox:
             jobs.mark_failed(self.conn, job.name, message, self.clock())
         self._waiting_logged.discard(job.name)
         log.warning("job %s failed: %s", job.name, message)
+        self.metrics.inbox_job("failed")
         self._move(job, self.failed_dir, error=message)
 
     def _move(self, job: JobFiles, folder: Path, error: str | None = None,

@@ -273,3 +273,11 @@ def recent_triggers(conn: sqlite3.Connection, limit: int = 10) -> list[dict]:
         (limit,),
     )
     return [dict(r) for r in rows]
+
+
+def trigger_fire_counts(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, int]:
+    """How many times each trigger fired, revisions included (an open revision n fired n - 1 times)."""
+    rows = {r["trigger"]: r["n"] for r in conn.execute(
+        "SELECT trigger, SUM(CASE WHEN state = 'fired' THEN revision ELSE revision - 1 END) AS n "
+        "FROM series_triggers GROUP BY trigger")}
+    return {name: int(rows.get(name) or 0) for name in names}

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics as m
 from gateway.config import parse
-from gateway.storage import db, index, queue
+from gateway.storage import db, index, queue, series
 
 
 def _config(tmp_path: Path, **raw):
@@ -45,9 +45,13 @@ def _samples(registry) -> dict[tuple, float]:
     return out
 
 
+RULES = {"routes": {"rules": [{"name": "chest", "match": {"modality": ["CT"]}, "destinations": ["pacs"]}]},
+         "triggers": [{"name": "lung", "match": {"modality": ["CT"]}, "export_dir": "export"}]}
+
+
 def _populated(tmp_path: Path):
     """A config, a DB with queue rows in every state, and a Metrics that saw every kind of event."""
-    config = _config(tmp_path)
+    config = _config(tmp_path, **RULES)
     conn = db.connect(config.db_path)
     now = time.time()
     with db.transaction(conn):
@@ -59,6 +63,11 @@ def _populated(tmp_path: Path):
             queue.enqueue(conn, ["pacs"], uid, now - 100 + i)
             conn.execute("UPDATE queue SET state = ?, last_error = ? WHERE sop_instance_uid = ?",
                          (state, "refused" if state == "failed" else None, uid))
+        series.count_rule_matches(conn, ["chest"], now)
+        series.count_rule_matches(conn, ["chest"], now)
+        conn.execute("INSERT INTO series_triggers (trigger, series_uid, study_uid, state, revision, last_arrival_at) "
+                     "VALUES ('lung', '1.2.3', '1.2', 'fired', 2, 0), ('lung', '1.2.4', '1.2', 'open', 1, 0), "
+                     "('lung', '1.2.5', '1.2', 'open', 3, 0)")
     conn.close()
     cert = tmp_path / "node.pem"
     _self_signed(cert, days=10)
@@ -75,8 +84,6 @@ def _populated(tmp_path: Path):
     metrics.send_failed("pacs", for_good=False)
     metrics.send_failed("pacs", for_good=True)
     metrics.http_request("/dicom-web/studies", 200)
-    metrics.rule_matched("chest")
-    metrics.trigger_fired("lung")
     return config, metrics
 
 
@@ -106,7 +113,6 @@ def test_labels_are_bounded_to_configured_values(tmp_path):
     assert s[("dicom_gateway_instances_received_total", (("calling_ae", "CT01"),))] == 1
     assert s[("dicom_gateway_instances_received_total", (("calling_ae", "other"),))] == 1
     assert s[("dicom_gateway_received_bytes_total", (("calling_ae", "other"),))] == 500
-    assert s[("dicom_gateway_rule_matches_total", (("rule", "other"),))] == 1  # no rules configured
     assert not any("EVIL" in str(labels) for _, labels in s)
     assert s[("dicom_gateway_cstore_responses_total", (("status", "0x0000"),))] == 1
     assert s[("dicom_gateway_send_failures_total", (("destination", "pacs"),))] == 1
@@ -126,6 +132,8 @@ def test_state_collector_reads_the_database_at_scrape_time(tmp_path):
     assert s[("dicom_gateway_min_free_bytes", ())] == 12345
     assert s[("dicom_gateway_free_disk_bytes", ())] > 0
     assert s[("dicom_gateway_database_up", ())] == 1
+    assert s[("dicom_gateway_rule_matches_total", (("rule", "chest"),))] == 2
+    assert s[("dicom_gateway_trigger_fires_total", (("trigger", "lung"),))] == 2 + 0 + 2
     days = s[("dicom_gateway_certificate_expiry_seconds", (("certificate", "dicom"),))] / 86400
     assert 9.9 < days <= 10
     # the next scrape sees the DB as it is now
