@@ -28,6 +28,8 @@ from prometheus_client.registry import Collector
 
 PREFIX = "dicom_gateway"
 OTHER = "other"
+#: The ``calling_ae`` label of instances stored over STOW-RS (no AE title there).
+DICOMWEB = "(dicomweb)"
 
 #: Latency buckets from a fast local store (ms) to a slow WAN send (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -152,17 +154,13 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         known_aes: Iterable[str] = (),
         destinations: Iterable[str] = (),
-        rules: Iterable[str] = (),
-        triggers: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ):
         from gateway import __version__
 
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.ae = Bounded(known_aes)
+        self.ae = Bounded([*known_aes, DICOMWEB])
         self.dest = Bounded(destinations)
-        self.rule = Bounded(rules)
-        self.trigger = Bounded(triggers)
         self.history = History(clock=clock)
         r = self.registry
         p = PREFIX
@@ -208,17 +206,12 @@ class Metrics:
 
     @classmethod
     def for_config(cls, config, registry: CollectorRegistry | None = None) -> "Metrics":
-        """A Metrics whose label sets are the AE titles, destinations, rules and triggers configured."""
+        """A Metrics whose label sets are the configured AE titles (callers, peers, destinations) and destinations."""
         aes = set(config.security.allowed_calling_aets)
+        aes.update(getattr(config.security, "peers", None) or {})  # keyed by calling AE title
         aes.update(getattr(d, "ae_title", None) or "" for d in config.destinations.values())
-        for peer in _iter(getattr(config, "peers", None)):
-            aes.add(getattr(peer, "ae_title", None) or (peer if isinstance(peer, str) else ""))
-        aes.update(_iter(getattr(getattr(config, "node", None), "peers", None)))
-        routes = getattr(config, "routes", None)
-        rules = [getattr(r, "name", "") for r in _iter(getattr(routes, "rules", None))]
-        triggers = [getattr(t, "name", "") for t in _iter(getattr(config, "triggers", None))]
         return cls(registry, known_aes=[a for a in aes if isinstance(a, str)],
-                   destinations=config.destinations, rules=rules, triggers=triggers)
+                   destinations=config.destinations)
 
     # ---- one method per event: the rooms call these, a line each
 
@@ -256,17 +249,6 @@ class Metrics:
     def http_request(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()
 
-
-
-def _iter(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return list(value.values())
-    try:
-        return list(value)
-    except TypeError:
-        return []
 
 
 def certificate_expiry_seconds(path: Path, now: float) -> float | None:

@@ -234,7 +234,9 @@ def _on_requested(event, config: Config, audit, metrics: Metrics) -> None:
     reason = peers.rejection(config, calling, address, over_tls, tls.cert_common_name(cert))
     if reason is None:
         return
-    metrics.association(False, "peer_not_allowed")
+    allowed = config.security.allowed_calling_aets
+    metrics.association(False, "calling_ae_not_allowed" if allowed and calling not in allowed
+                        else "peer_not_allowed")
     log.warning("rejected association from AE %s at %s:%s: %s", wire(calling, 16), address,
                 getattr(assoc.requestor, "port", "?"), wire(reason, 300))
     audit.record(audit_trail.USER_AUTHENTICATION, audit_trail.Outcome.MINOR_FAILURE,

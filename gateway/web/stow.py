@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from gateway.metrics import DICOMWEB
 from gateway.storage import ingest_web
 from gateway.storage.store import Outcome, Result
 from gateway.storage.uids import is_valid_uid
@@ -90,9 +92,14 @@ def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, i
                                                    f"part {part.index + 1} is {ctype}, not application/dicom"))
         else:
             todo.append(i)
+    started = time.monotonic()
     got = ingest_web.ingest_files(deps.store, [parts[i].path for i in todo], study, peer, identity)
+    metrics = deps.extras.get("metrics")
+    each = (time.monotonic() - started) / max(1, len(todo))  # the batch's time, shared by its instances
     for i, g in zip(todo, got):
         parts[i].path = None  # moved into the store or removed by the ingest
+        if metrics is not None and g.result.outcome is Outcome.STORED:
+            metrics.received(DICOMWEB, g.result.size or 0, each)
         outcomes[i] = PartOutcome(parts[i], g.result, g.sop_class_uid, g.sop_instance_uid, g.series_uid,
                                   g.study_uid)
     queued = {name for o in outcomes for name in o.result.queued_for}
