@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: --baseline DIR: another checkout's gateway pass as tool "baseline" (before/after, same run).
 BASELINE: Path | None = None
+#: --baseline DIR: another checkout's gateway pass as tool "baseline" (before/after, same run).
+BASELINE: Path | None = None
 
 
 def free_port() -> int:
@@ -202,7 +204,11 @@ def main() -> None:
                         help="also the DICOMweb case: STOW-RS to Orthanc's DICOMweb plugin from the gateway's "
                         "queue, dicomweb-client (50 per call) and Orthanc's own STOW-RS client")
     parser.add_argument("--dicomweb-only", action="store_true", help="only the DICOMweb case")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout whose gateway pass runs as tool 'baseline' (before/after)")
     args = parser.parse_args()
+    global BASELINE
+    BASELINE = args.baseline.resolve() if args.baseline else None
 
     import yaml
 
