@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from gateway import metrics as gateway_metrics
@@ -94,7 +95,13 @@ def _run_locked(config: Config, stop: threading.Event | None,
         log.info("requeued %d item(s) left 'sending' by an earlier run", stale)
 
     metrics = gateway_metrics.build(config)
-    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+    # The inbox has an executor of its own: senders stuck in association attempts (one
+    # thread each) must never starve it; the default pool has a thread per sender besides.
+    scheduler = BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(len(config.destinations) + 4),
+                   "inbox": ThreadPoolExecutor(1)},
+        job_defaults={"coalesce": True, "max_instances": 1},
+    )
     senders = {name: _sender(config, name, audit, metrics) for name in config.destinations}
 
     def wake_senders(names) -> None:
@@ -148,7 +155,7 @@ def _run_locked(config: Config, stop: threading.Event | None,
     )
     now = datetime.now().astimezone()
     scheduler.add_job(poller.run_once, "interval", seconds=config.inbox.poll_interval_seconds,
-                      id="inbox", next_run_time=now)
+                      id="inbox", next_run_time=now, executor="inbox")
     for name, sender in senders.items():
         scheduler.add_job(sender.run_once, "interval", seconds=config.forward.poll_interval_seconds,
                           id=f"forward:{name}", next_run_time=now)
