@@ -39,7 +39,8 @@ def test_a_job_is_picked_up_by_its_file_event_with_an_hour_long_poll(tmp_path, d
         # Bounded far below the poll interval: only the file event can have taken it.
         wait_until(lambda: (inbox / "done" / f"evt-{k}.result.yaml").exists(), 30,
                    what=f"job evt-{k} to be done")
-    assert "job evt-2 moved to done/" in gw.log()
+    # The log line follows the result file by a moment: wait for it rather than race it.
+    wait_until(lambda: "job evt-2 moved to done/" in gw.log(), 30, what="the job's log line")
 
 
 def test_kicks_during_a_pass_make_exactly_one_more_pass():
