@@ -93,6 +93,14 @@ def _run_locked(config: Config, stop: threading.Event | None,
         conn.close()
     if stale:
         log.info("requeued %d item(s) left 'sending' by an earlier run", stale)
+    from gateway.storage.reconcile import reconcile
+    from gateway.storage.store import Store
+
+    store = Store.open(config)  # before any listener: files and rows agree, no temp leftovers
+    try:
+        reconcile(store)
+    finally:
+        store.close()
 
     metrics = gateway_metrics.build(config)
     # The inbox has an executor of its own: senders stuck in association attempts (one

@@ -74,3 +74,8 @@ def store_counts(conn: sqlite3.Connection) -> dict:
            FROM instances"""
     ).fetchone()
     return dict(row)
+
+
+def indexed_paths(conn: sqlite3.Connection) -> set[str]:
+    """Every indexed file's path (relative to data_dir): what reconcile compares the store with."""
+    return {row[0] for row in conn.execute("SELECT path FROM instances")}

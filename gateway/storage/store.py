@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -134,6 +135,71 @@ class Result:
     header: Header | None = None
 
 
+def quarantine_dir(data_dir: Path) -> Path:
+    """Where files the index cannot vouch for go (0700), instead of staying unacknowledged in the store."""
+    return Path(data_dir) / "quarantine"
+
+
+def quarantine(data_dir: Path, path: Path, reason: str) -> Path | None:
+    """Move ``path`` into ``data_dir/quarantine`` (0600) with one log line; None if it is already gone."""
+    folder = make_dir(quarantine_dir(data_dir))
+    dest = folder / f"{path.name}.{secrets.token_hex(4)}"
+    try:
+        os.replace(path, dest)
+        os.chmod(dest, FILE_MODE)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot quarantine %s (%s): %s; removing it", path, reason, exc.strerror or exc)
+        discard(path)
+        return None
+    log.warning("quarantined %s as %s: %s", path, dest, reason)
+    return dest
+
+
+class UidLocks:
+    """One lock per SOP Instance UID (reference counted), so a file and its row change together."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._locks: dict[str, list] = {}  # uid -> [Lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, uids: Iterable[str]):
+        """Hold the locks of ``uids`` (sorted, so two batches never deadlock)."""
+        taken = []
+        try:
+            for uid in sorted(set(uids)):
+                with self._mutex:
+                    entry = self._locks.setdefault(uid, [threading.Lock(), 0])
+                    entry[1] += 1
+                entry[0].acquire()
+                taken.append(uid)
+            yield
+        finally:
+            for uid in reversed(taken):
+                with self._mutex:
+                    entry = self._locks[uid]
+                    entry[0].release()
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._locks[uid]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+_SHARED_LOCKS: dict[Path, UidLocks] = {}
+_SHARED_MUTEX = threading.Lock()
+
+
+def uid_locks_for(store_dir: Path) -> UidLocks:
+    """The one ``UidLocks`` of a store folder in this process (receive, STOW and inbox share it)."""
+    key = Path(os.path.abspath(store_dir))
+    with _SHARED_MUTEX:
+        return _SHARED_LOCKS.setdefault(key, UidLocks())
+
+
 def discard(path: Path) -> None:
     try:
         os.unlink(path)
@@ -172,6 +238,7 @@ class Store:
         self.checkpoint = checkpoint or (lambda name: None)
         self.indexers = tuple(indexers)
         self._db_lock = threading.Lock()
+        self._uid_locks = uid_locks_for(self.store_dir)
 
     @classmethod
     def open(cls, config, router: Router | None = None, **kwargs) -> Store:
@@ -196,8 +263,8 @@ class Store:
         """Check, place, index and queue the Part 10 file at ``path``; never raises for a bad instance.
 
         ``path`` is on the store's filesystem and ours: moved into the store when STORED,
-        deleted otherwise (except when the index write failed after placing: the file stays
-        in the store and a resend replaces it). ``head``: the file's first bytes, when the
+        deleted otherwise (when the index write fails after placing, the file goes to
+        ``data_dir/quarantine``). ``head``: the file's first bytes, when the
         caller has them in memory (receive's spool), so the header costs no read.
         """
         path = Path(path)
@@ -216,20 +283,41 @@ class Store:
         of them. Results in the order of ``items``; each file is ours as in ``ingest``."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def prepare(item):
+        def read(item):
             path, arrival, expected = Path(item[0]), item[1], item[2] or Expected()
             try:
-                return self._prepare(path, arrival, expected, None)
+                return self._read(path, arrival, expected, None)
             except BaseException:
                 discard(path)
                 raise
 
-        if len(items) > 1 and workers > 1:
-            with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="ingest") as pool:
-                prepared = list(pool.map(prepare, items))
-        else:
-            prepared = [prepare(item) for item in items]
-        committed = iter(self._commit([p for p in prepared if isinstance(p, _Placed)]))
+        def place_all(group):  # one UID's files, in request order: the last one wins file and row
+            out = []
+            for i, r in group:
+                try:
+                    out.append((i, self._place(r)))
+                except BaseException:
+                    discard(r.path)
+                    raise
+            return out
+
+        pool_size = min(workers, len(items))
+        with ThreadPoolExecutor(max(pool_size, 1), thread_name_prefix="ingest") as pool:
+            read_all = list(pool.map(read, items)) if pool_size > 1 else [read(item) for item in items]
+            groups: dict[str, list] = {}
+            for i, r in enumerate(read_all):
+                if isinstance(r, _Read):
+                    groups.setdefault(r.header.sop_instance_uid, []).append((i, r))
+            prepared: list = list(read_all)
+            # The UIDs stay locked from placing to commit: a concurrent ingest of the same UID
+            # cannot slip its file in between our rename and our row.
+            with self._uid_locks.hold(groups):
+                placed_groups = (list(pool.map(place_all, groups.values())) if pool_size > 1
+                                 else [place_all(g) for g in groups.values()])
+                for group in placed_groups:
+                    for i, p in group:
+                        prepared[i] = p
+                committed = iter(self._commit([p for p in prepared if isinstance(p, _Placed)]))
         out = []
         for (path, _, _), p in zip(items, prepared):
             result = next(committed) if isinstance(p, _Placed) else p
@@ -271,14 +359,31 @@ class Store:
         with open(source, "rb") as src:
             return self.ingest_written(lambda out: shutil.copyfileobj(src, out, COPY_BUFFER), arrival)
 
+    def adopt(self, path: Path) -> Result:
+        """Index a file found in the store without a row (start-up reconcile), as ``send`` records
+        it but queued for no one; STORED, or a refusal (the caller quarantines the file)."""
+        read = self._read(path, Arrival(Source.SEND), Expected(), None)
+        if not isinstance(read, _Read):
+            return read
+        if read.target != path:
+            return Result(Outcome.INVALID, f"its UIDs belong at {read.target}", read.header.sop_instance_uid)
+        with self._uid_locks.hold([read.header.sop_instance_uid]):
+            size = path.stat().st_size
+            placed = self._placed(replace(read, decision=RouteDecision(())), size)
+            return self._commit([placed])[0]
+
     # ------------------------------------------------------------------ the steps
 
     def _ingest(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result:
-        placed = self._prepare(path, arrival, expected, head)
-        return self._commit([placed])[0] if isinstance(placed, _Placed) else placed
+        read = self._read(path, arrival, expected, head)
+        if not isinstance(read, _Read):
+            return read
+        with self._uid_locks.hold([read.header.sop_instance_uid]):  # rename and row together
+            placed = self._place(read)
+            return self._commit([placed])[0] if isinstance(placed, _Placed) else placed
 
-    def _prepare(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result | _Placed:
-        """Read, check, route and place one file: a refusal ``Result``, or what to commit."""
+    def _read(self, path: Path, arrival: Arrival, expected: Expected, head: bytes | None) -> Result | _Read:
+        """Read, check and route one file: a refusal ``Result``, or what to place."""
         try:
             header = read_header(path, head)
         except UnreadableHeader as exc:
@@ -293,6 +398,12 @@ class Store:
         sop = header.sop_instance_uid
         target = instance_path(self.store_dir, header.study_uid, header.series_uid, sop)
         decision = self.router(header, arrival)
+        return _Read(path, header, target, decision, arrival)
+
+    def _place(self, read: _Read) -> Result | _Placed:
+        """Place one read file in the store (the caller holds its UID's lock): a failure or what to commit."""
+        path, header, target, decision, arrival = read.path, read.header, read.target, read.decision, read.arrival
+        sop = header.sop_instance_uid
         try:
             check_free_space(self.store_dir, self.min_free_bytes)
             size = place_atomic(path, target)
@@ -301,8 +412,14 @@ class Store:
         except OSError as exc:
             return Result(Outcome.FAILED, f"cannot write {target.name}: {exc.strerror or exc}", sop,
                           header=header)
-        header = replace(header, path=target)
         self.checkpoint("placed")
+        return self._placed(read, size)
+
+    def _placed(self, read: _Read, size: int) -> _Placed:
+        """What the index transaction records for a file now at ``read.target``."""
+        target, decision, arrival = read.target, read.decision, read.arrival
+        header = replace(read.header, path=target)
+        sop = header.sop_instance_uid
         now = self.clock()
         record = index.InstanceRecord(
             sop_instance_uid=sop,
@@ -344,12 +461,14 @@ class Store:
                     if decision.in_transaction is not None:
                         decision.in_transaction(self.conn)
         except sqlite3.Error as exc:
-            # The files stay (a resend replaces them); without rows they are not acknowledged.
+            # A file in the store must have its row: without one it goes to quarantine/.
+            for p in placed:
+                quarantine(self.data_dir, p.target, f"placed but not indexed: {exc}")
             if "full" in str(exc).lower():
                 return [Result(Outcome.NO_SPACE, "the database disk is full; free space", p.record.sop_instance_uid,
-                               p.target, header=p.header) for p in placed]
+                               header=p.header) for p in placed]
             return [Result(Outcome.FAILED, f"cannot index the instance: {exc}", p.record.sop_instance_uid,
-                           p.target, header=p.header) for p in placed]
+                           header=p.header) for p in placed]
         results = []
         for p in placed:
             if p.decision.log_line:
@@ -357,6 +476,17 @@ class Store:
             results.append(Result(Outcome.STORED, "", p.record.sop_instance_uid, p.target, p.size,
                                   p.decision.destinations, p.decision.rules, p.header))
         return results
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A file whose header is read, checked and routed, waiting to be placed."""
+
+    path: Path
+    header: Header
+    target: Path
+    decision: RouteDecision
+    arrival: Arrival
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,29 @@ def test_second_run_on_the_same_data_dir_exits_2_before_touching_it(dcmtk, gatew
     assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0  # the first one is unharmed
 
 
+def test_run_reconciles_the_store_before_listening(dcmtk, gateway_factory, ct_series):
+    gw = gateway_factory(start=False)
+    src = pydicom.dcmread(ct_series(1, 16, 16)[0])
+    study, series, sop = str(src.StudyInstanceUID), str(src.SeriesInstanceUID), str(src.SOPInstanceUID)
+    folder = var(gw) / "store" / study / series
+    folder.mkdir(parents=True)
+    src.save_as(folder / f"{sop}.dcm", enforce_file_format=True)  # renamed, never indexed
+    (folder / "1.2.3.999.dcm").write_bytes(b"\0" * 200)  # unreadable
+    (folder / f".{sop}.dcm.0a1b2c.tmp").write_bytes(b"half")
+    (var(gw) / "tmp").mkdir()
+    (var(gw) / "tmp" / "rx-1.dcm").write_bytes(b"spooled")
+    gw.start()
+
+    assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
+    rows = db_rows(gw, "SELECT origin, size FROM instances WHERE sop_instance_uid = ?", (sop,))
+    assert [(r["origin"], r["size"]) for r in rows] == [("manual", (folder / f"{sop}.dcm").stat().st_size)]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{sop}.dcm"]
+    assert list((var(gw) / "tmp").iterdir()) == []
+    quarantined = list((var(gw) / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith("1.2.3.999.dcm.")
+    assert stat.S_IMODE(quarantined[0].stat().st_mode) == 0o600
+
+
 # --------------------------------------------------------------------------- data at rest
 
 
