@@ -254,7 +254,11 @@ def test_idle_association_is_closed_after_the_network_timeout(gateway_factory):
 
 
 @pytest.mark.parametrize("bad_uid", ["../../evil", "1.2.3/../../x", "1.2." + "3" * 62])
-def test_hostile_sop_instance_uid_is_refused_and_nothing_escapes(dcmtk, gateway_factory, tmp_path, bad_uid):
+def test_hostile_sop_instance_uid_is_refused_and_nothing_escapes(dcmtk, gateway_factory, tmp_path, bad_uid,
+                                                                monkeypatch):
+    # An in-process service.run (unit tests) leaves pydicom's validation at IGNORE: warn here.
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.WARN)
     gw = gateway_factory()
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.SOPInstanceUID = bad_uid
