@@ -7,7 +7,7 @@ running gateway would for an instance received over DIMSE from ``calling_ae`` to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from gateway.config import Config
 from gateway.routing.rules import Facts, check, decide, element_text
+from gateway.storage.sendfiles import files_under
 
 
 @dataclass
@@ -25,25 +26,12 @@ class DryRun:
     files: int = 0
 
 
-def _files(paths: Iterable[Path], problems: list[str]) -> Iterator[Path]:
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            for found in sorted(path.rglob("*")):
-                if found.is_file() and not found.name.startswith("."):
-                    yield found
-        elif path.is_file():
-            yield path
-        else:
-            problems.append(f"{path}: no such file or folder")
-
-
 def explain(config: Config, paths: Iterable[Path], calling_ae: str | None, called_ae: str | None) -> DryRun:
     """Evaluate the configured rules and triggers on each DICOM file under ``paths``."""
     report = DryRun()
     facts = Facts(calling_ae_title=calling_ae, called_ae_title=called_ae)
     rules = config.routes.rules
-    for path in _files(paths, report.problems):
+    for path in files_under(paths, report.problems):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:

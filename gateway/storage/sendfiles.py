@@ -33,7 +33,7 @@ class SendReport:
 def count_files(paths: Iterable[Path]) -> tuple[int, int]:
     """How many files ``queue_files`` will look at, and their total size (a stat each, for a progress bar)."""
     n = size = 0
-    for path in _files(paths, []):
+    for path in files_under(paths, []):
         n += 1
         try:
             size += path.stat().st_size
@@ -42,7 +42,7 @@ def count_files(paths: Iterable[Path]) -> tuple[int, int]:
     return n, size
 
 
-def _files(paths: Iterable[Path], problems: list[str]) -> Iterator[Path]:
+def files_under(paths: Iterable[Path], problems: list[str]) -> Iterator[Path]:
     """Files as given, folders searched recursively in name order; hidden files are skipped."""
     for path in paths:
         path = Path(path)
@@ -78,7 +78,7 @@ def queue_files(config: Config, dest: str, paths: Iterable[Path], now: float | N
     store = Store.open(config, clock=clock)
     arrival = Arrival(Source.SEND, destinations=(dest,))
     try:
-        for path in _tracked(_files(paths, report.problems), progress):
+        for path in _tracked(files_under(paths, report.problems), progress):
             try:
                 read_header(path)  # not DICOM: skip it before copying it
             except UnreadableHeader as exc:
