@@ -117,7 +117,7 @@ class Sender:
         self._clock = clock
         self._stopping = threading.Event()
         self._busy = threading.Lock()  # one pass at a time, whoever calls
-        self._conn = None
+        self._lazy_db = db.LazyConnection(config.db_path)
         self._batch_sent = audit_trail.Tally()
         self._batch_failures: list[str] = []
 
@@ -146,16 +146,12 @@ class Sender:
 
     def close(self) -> None:
         self.transport.close()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._lazy_db.close()
 
     # ------------------------------------------------------------------ queue
 
     def _db(self):
-        if self._conn is None:
-            self._conn = db.connect(self.config.db_path)
-        return self._conn
+        return self._lazy_db.get()
 
     def _heal(self) -> None:
         """Only this sender claims this destination's rows, and never across passes: any row

@@ -87,7 +87,7 @@ class Inbox:
         self.failed_dir = self.path / "failed"
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._db = db.LazyConnection(config.db_path)
         self._store: Store | None = None
         self._waiting_logged: set[str] = set()
 
@@ -95,10 +95,7 @@ class Inbox:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            make_dir(self.config.node.data_dir)
-            self._conn = db.connect(self.config.db_path)
-        return self._conn
+        return self._db.get()
 
     @property
     def store(self) -> Store:
@@ -118,9 +115,7 @@ class Inbox:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._db.close()
 
     # ------------------------------------------------------------------ one pass
 

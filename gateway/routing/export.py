@@ -171,25 +171,20 @@ class SeriesTriggers:
         self.clock = clock
         self.crash_hook = crash_hook
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._db = db.LazyConnection(config.db_path)
         self._stop = threading.Event()
         self._swept = False
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = db.connect(self.config.db_path)
-        return self._conn
+        return self._db.get()
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._db.close()
 
     def run_once(self) -> int:
         """Fire every complete series; return how many revisions were exported in this pass."""

@@ -54,14 +54,11 @@ class Webhooks:
         self._client = httpx.Client(follow_redirects=False)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conn: sqlite3.Connection | None = None
+        self._db = db.LazyConnection(config.db_path)
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = db.connect(self.config.db_path)
-        return self._conn
+        return self._db.get()
 
     def stop(self) -> None:
         self._stop.set()
@@ -69,9 +66,7 @@ class Webhooks:
     def close(self) -> None:
         with self._lock:
             self._client.close()
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._db.close()
 
     def _delay(self, attempts: int) -> float:
         r = self.config.retry

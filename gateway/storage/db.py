@@ -222,6 +222,24 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class LazyConnection:
+    """A worker's own connection: opened on first use (``connect`` makes the folder), closed once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def get(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self.path)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 def connect_readonly(path: Path) -> sqlite3.Connection | None:
     """Open an existing database for reading (``status``); None when there is none yet."""
     if not path.exists():
