@@ -200,6 +200,30 @@ def _oauth_error(body: bytes) -> str:
     return text or "(no body)"
 
 
+#: TLS alerts a server sends about the client's certificate (OpenSSL reason codes).
+_CLIENT_CERT_REFUSED = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+})
+
+
+def _describe_tls_alert(err: "ssl.SSLError") -> str:
+    """A TLS failure other than our check of the server: the server's alerts about our certificate say so."""
+    reason = err.reason or ""
+    words = reason.lower().replace("_", " ") if reason else str(err)
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return (f"TLS: the server requires a client certificate and we sent none ({words}): "
+                "set tls.client_cert_file and tls.client_key_file")
+    if reason in _CLIENT_CERT_REFUSED:
+        return (f"TLS: the server refused our client certificate ({words}): tls.client_cert_file "
+                "must be valid and signed by a CA the server trusts")
+    if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
+        return (f"TLS: handshake failed ({words}): no common protocol or cipher, or the server "
+                "requires a client certificate (tls.client_cert_file)")
+    return f"TLS: handshake failed ({reason or err})"
+
+
 def describe_http_error(exc: BaseException) -> str:
     """One phrase for a failed HTTP exchange: DNS, TLS, refused, timed out, or lost."""
     import socket
@@ -211,7 +235,7 @@ def describe_http_error(exc: BaseException) -> str:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS: the server's certificate was not accepted ({cause.verify_message or cause.reason})"
         if isinstance(cause, ssl.SSLError):
-            return f"TLS: handshake failed ({cause.reason or cause})"
+            return _describe_tls_alert(cause)
         if isinstance(cause, socket.gaierror):
             return f"DNS: cannot resolve the host name ({cause.strerror})"
         if isinstance(cause, ConnectionRefusedError):

@@ -177,6 +177,8 @@ class StowPeer:
     rejected_401: int = 0
     #: (certificate, key) PEM paths: serve HTTPS
     tls: tuple[Path, Path] | None = None
+    #: with ``tls``: require a client certificate signed by this CA (ssl.CERT_REQUIRED)
+    client_ca: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -264,6 +266,9 @@ class StowPeer:
         if self.tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            if self.client_ca is not None:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(cafile=str(self.client_ca))
             self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
@@ -280,7 +285,10 @@ class StowPeer:
 
 
 def make_ca(folder: Path, name: str = "Test CA") -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1/localhost signed by it: {ca, cert, key, pem}."""
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate signed by it.
+
+    {ca, cert, key, pem (cert + key), client_cert, client_key}
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -315,14 +323,30 @@ def make_ca(folder: Path, name: str = "Test CA") -> dict[str, Path]:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicom-gateway")]))
+              .issuer_name(ca_name).public_key(client_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5))
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                             critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     key_pem = key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
     paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
-             "pem": folder / "server-with-key.pem"}
+             "pem": folder / "server-with-key.pem", "client_cert": folder / "client.pem",
+             "client_key": folder / "client.key"}
+    paths["client_cert"].write_bytes(client.public_bytes(pem))
+    paths["client_key"].write_bytes(client_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
     paths["key"].write_bytes(key_pem)
     paths["pem"].write_bytes(cert.public_bytes(pem) + key_pem)
-    for p in (paths["key"], paths["pem"]):
+    for p in (paths["key"], paths["pem"], paths["client_key"]):
         p.chmod(0o600)
     return paths

@@ -248,6 +248,53 @@ def test_https_with_a_test_ca_verified_by_default_refused_on_a_wrong_ca(tmp_path
     assert sorted(peer.stored) == sorted(uid_of(p) for p in paths)  # only the verified destination's
 
 
+def test_https_server_requiring_a_client_certificate(tmp_path, stow_peer, ct_series, gateway_factory):
+    """ssl.CERT_REQUIRED with the test CA: our certificate from it delivers; none, or one from
+    another CA, fails with a reason that says which; echo says the same."""
+    ca = make_ca(tmp_path / "ca")
+    other = make_ca(tmp_path / "other-ca", name="Someone Else's CA")
+    peer = stow_peer(tls=(ca["cert"], ca["key"]), client_ca=ca["ca"])
+    tls = {"ca_file": str(ca["ca"])}
+    dests = {
+        "withcert": {"type": "dicomweb", "url": peer.url, "tls": {
+            **tls, "client_cert_file": str(ca["client_cert"]), "client_key_file": str(ca["client_key"])}},
+        "nocert": {"type": "dicomweb", "url": peer.url, "tls": tls},
+        "othercert": {"type": "dicomweb", "url": peer.url, "tls": {
+            **tls, "client_cert_file": str(other["client_cert"]),
+            "client_key_file": str(other["client_key"])}},
+    }
+    folder = tmp_path / "gw"
+    gw = gateway_factory(folder, destinations=dests, retry={"max_attempts": 2, "initial_backoff_seconds": 0.2})
+    paths = ct_series(2, **SMALL)
+    for dest in dests:
+        assert gw.cli("send", dest, paths[0].parent).returncode == 0
+    db_path = folder / "var" / "gateway.sqlite3"
+
+    def states(dest):
+        return [r["state"] for r in queue_rows(db_path, dest).values()]
+
+    wait_until(lambda: states("withcert") == ["sent"] * 2, 30, 0.1, "sent with the client certificate")
+    reasons = {
+        "nocert": "TLS: the server requires a client certificate and we sent none (tlsv13 alert "
+                  "certificate required): set tls.client_cert_file and tls.client_key_file",
+        "othercert": "TLS: the server refused our client certificate (tlsv1 alert unknown ca): "
+                     "tls.client_cert_file must be valid and signed by a CA the server trusts",
+    }
+    for dest, reason in reasons.items():
+        wait_until(lambda dest=dest: states(dest) == ["failed"] * 2, 30, 0.1, f"{dest}: failed")
+        for row in queue_rows(db_path, dest).values():
+            assert reason in row["last_error"], row["last_error"]
+        echo = gw.cli("echo", dest)
+        assert echo.returncode == 1, echo.stdout
+        assert echo.stderr.startswith(f"dicom-gateway: {reason} ({peer.url}/studies)"), echo.stderr
+    echo = gw.cli("echo", "withcert")
+    assert echo.returncode == 0, echo.stderr
+    assert echo.stdout.startswith(f"QIDO-RS withcert: HTTP 200 from {peer.url}/studies?limit=1")
+    # only the request with our certificate got through the handshake to the server
+    assert sorted(peer.stored) == sorted(uid_of(p) for p in paths)
+    assert len(peer.requests) == 1
+
+
 # --------------------------------------------------------------------------- a scripted server
 
 

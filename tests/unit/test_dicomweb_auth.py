@@ -155,3 +155,28 @@ def test_describe_http_error_names_what_failed():
     assert auth.describe_http_error(httpx.ReadTimeout("x")) == "no answer in time (timed out)"
     assert auth.describe_http_error(httpx.ConnectTimeout("x")) == "connect: timed out"
     assert auth.describe_http_error(httpx.RemoteProtocolError("Server disconnected")).startswith("connection lost")
+
+
+def test_describe_http_error_says_when_the_server_wants_or_refuses_our_client_certificate():
+    import ssl
+
+    def alert(reason: str) -> str:
+        err = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower().replace('_', ' ')}")
+        err.reason = reason
+        try:
+            try:
+                raise err
+            except ssl.SSLError as inner:
+                raise httpx.ReadError(str(inner)) from inner
+        except httpx.HTTPError as exc:
+            return auth.describe_http_error(exc)
+
+    assert alert("TLSV13_ALERT_CERTIFICATE_REQUIRED") == (
+        "TLS: the server requires a client certificate and we sent none (tlsv13 alert certificate "
+        "required): set tls.client_cert_file and tls.client_key_file")
+    for reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED"):
+        assert alert(reason).startswith(
+            f"TLS: the server refused our client certificate ({reason.lower().replace('_', ' ')}): ")
+    # TLS 1.2 servers answer a missing certificate with a bare handshake failure
+    assert "requires a client certificate (tls.client_cert_file)" in alert("SSLV3_ALERT_HANDSHAKE_FAILURE")
+    assert alert("WRONG_VERSION_NUMBER") == "TLS: handshake failed (WRONG_VERSION_NUMBER)"
