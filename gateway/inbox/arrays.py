@@ -84,6 +84,11 @@ def open_regular(path, name: str | None = None) -> int:
     return fd
 
 
+def identity(st: os.stat_result) -> str:
+    """``inode:size:mtime_ns``: a file rewritten in place or replaced by a rename gets another."""
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _header(fp, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) from a ``.npy`` stream positioned at its start."""
     try:
@@ -149,10 +154,14 @@ def inspect_npz(zf: zipfile.ZipFile, name: str) -> ArrayInfo:
     return info
 
 
-def inspect(path, name: str | None = None) -> ArrayInfo:
-    """Describe the ``.npy``/``.npz`` at ``path`` without reading its array data."""
+def inspect(path, name: str | None = None, seen: dict[str, str] | None = None) -> ArrayInfo:
+    """Describe the ``.npy``/``.npz`` at ``path`` without reading its array data.
+
+    ``seen[name]`` gets the identity of the file that was opened."""
     name = name or os.fsdecode(os.path.basename(path))
     fd = open_regular(path, name)
+    if seen is not None:
+        seen[name] = identity(os.fstat(fd))
     with os.fdopen(fd, "rb") as f:
         if str(path).endswith(".npz"):
             try:
@@ -172,13 +181,18 @@ def check_against_source(info: ArrayInfo, name: str, frames: int, rows: int, col
                        f"{expected}; a segmentation needs one frame per source image on its grid")
 
 
-def load(path, info: ArrayInfo, name: str) -> np.ndarray:
+def load(path, info: ArrayInfo, name: str, seen: dict[str, str] | None = None) -> np.ndarray:
     """The array ``inspect`` described, read from one descriptor (never a pickle).
 
-    The file is opened and checked again, and its header must still say what ``info`` says:
-    a file replaced since ``inspect`` is refused instead of read unchecked.
+    The file is opened and checked again, and its header must still say what ``info`` says
+    (and, given ``seen`` from ``inspect``, it must be the same file): a file replaced since
+    ``inspect`` is refused instead of read unchecked.
     """
     fd = open_regular(path, name)
+    if seen is not None and name in seen and seen[name] != identity(os.fstat(fd)):
+        os.close(fd)
+        raise JobError(f"{name} changed while the job ran (it was rewritten after its header was "
+                       "checked); drop the job again once it is written")
     with os.fdopen(fd, "rb") as f:
         try:
             if str(path).endswith(".npz"):

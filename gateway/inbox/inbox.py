@@ -52,7 +52,7 @@ log = logging.getLogger("gateway.inbox")
 #: Where ``checkpoint`` is called in a job (tests kill the process there to prove exactly-once).
 #: Derivations of one job that may start without finishing before it fails (poison job).
 MAX_DERIVE_ATTEMPTS = 3
-CHECKPOINTS = ("before_encode", "after_store", "after_commit", "before_move")
+CHECKPOINTS = ("before_load", "before_encode", "after_store", "after_commit", "before_move")
 
 
 # --------------------------------------------------------------------------- the inbox
@@ -170,21 +170,33 @@ class Inbox:
     def _job_row(self, name: str) -> sqlite3.Row | None:
         return jobs.get(self.conn, name)
 
+    def _is_new(self, job: JobFiles, row) -> bool:
+        """Files under a finished job's name: a new job, or the finished one's leftovers?"""
+        recorded = row["files"] if "files" in row.keys() else None
+        if recorded is not None:  # which files it was derived from: exact
+            return jobfiles.replaced(job, recorded)
+        return jobfiles.dropped_after(job, row["finished_at"])  # rows of earlier releases
+
     def _run_job(self, job: JobFiles) -> int:
         row = self._job_row(job.name)
         if row is not None and row["state"] == JobState.DONE.value:
-            if jobfiles.dropped_after(job, row["finished_at"]):
+            if self._is_new(job, row):
                 # A new job under a used name: keep the done record, refuse the new files.
-                self._move(job, self.failed_dir, error=(
-                    f"a job named {job.name} was already done (SOP Instance UID "
-                    f"{row['sop_instance_uid']}); give every job a unique name"
-                ))
+                if jobfiles.dropped_after(job, row["finished_at"]):
+                    error = (f"a job named {job.name} was already done (SOP Instance UID "
+                             f"{row['sop_instance_uid']}); give every job a unique name")
+                else:
+                    error = (f"{job.name} was replaced while it was being derived: the first "
+                             f"version is done (SOP Instance UID {row['sop_instance_uid']}, see "
+                             f"done/{job.name}.result.yaml) and these files were not derived; "
+                             "drop them again under a new name")
+                self._move(job, self.failed_dir, error=error)
                 log.warning("job %s refused: its name was already used", job.name)
                 return 1
             self._finish_done(job, row)  # the process stopped between commit and move
             return 1
         if row is not None and row["state"] == JobState.FAILED.value:
-            if not jobfiles.dropped_after(job, row["finished_at"]):
+            if not self._is_new(job, row):
                 self._move(job, self.failed_dir, error=row["error"])
                 return 1
             with db.transaction(self.conn):  # dropped again (fixed?): a fresh attempt
@@ -196,24 +208,23 @@ class Inbox:
                 jobs.add_waiting(self.conn, job.name, now)
             row = self._job_row(job.name)
             log.info("job %s seen in the inbox", job.name)
+        seen: dict[str, str] = {}  # identity of each file as it was read
         try:
             if job.problem:
                 raise JobError(job.problem)
             started = time.monotonic()
-            committed = self._derive_and_store(job, row, now)
+            committed = self._derive_and_store(job, row, now, seen)
         except GiveUp as exc:
-            self._fail(job, str(exc))
-            return 1
+            return self._fail(job, str(exc), seen)
         except (RetryLater, sqlite3.OperationalError):
             raise
         except MemoryError:
-            self._fail(job, "the gateway ran out of memory deriving this job; send a smaller array "
-                            "or give the node more memory")
-            return 1
+            return self._fail(job, "the gateway ran out of memory deriving this job; send a smaller "
+                                   "array or give the node more memory", seen)
         except Exception as exc:  # a bug or odd input: fail this job, keep going
             log.exception("job %s: unexpected error while deriving", job.name)
-            self._fail(job, f"the job could not be turned into DICOM ({type(exc).__name__}: {exc})")
-            return 1
+            return self._fail(job, f"the job could not be turned into DICOM ({type(exc).__name__}: "
+                                   f"{exc})", seen)
         if committed is None:
             return 0  # waiting for its source
         # Committed: from here on nothing may mark the job failed; if the move does not
@@ -273,13 +284,13 @@ class Inbox:
         return datasets
 
     def _derive_and_store(
-        self, job: JobFiles, row, now: float
+        self, job: JobFiles, row, now: float, seen: dict[str, str]
     ) -> tuple[derive.Derived, tuple[str, ...]] | None:
         """Derive, write, commit; None while the source is not here. Nothing after the commit."""
-        spec = jobfiles.read_sidecar(jobfiles.safe_path(self.path, job.sidecar))
+        spec = jobfiles.read_sidecar(jobfiles.safe_path(self.path, job.sidecar), seen, job.sidecar.name)
         assert job.array is not None
         array_path = jobfiles.safe_path(self.path, job.array)
-        info = arrays.inspect(array_path, job.array.name)  # header only: nothing loaded yet
+        info = arrays.inspect(array_path, job.array.name, seen)  # header only: nothing loaded yet
         sources = self._sources(job, spec, info, row, now)
         if sources is None:
             return None
@@ -294,8 +305,9 @@ class Inbox:
                 "memory, or crashed); it is not tried again: check the array and the node's "
                 "memory, then drop the job again")
         with db.transaction(self.conn):  # committed first: a crash during the derive counts
-            jobs.start_derive(self.conn, job.name)
-        arr = arrays.load(array_path, info, job.array.name)
+            jobs.start_derive(self.conn, job.name, jobfiles.identity(job, seen))
+        self._checkpoint("before_load")
+        arr = arrays.load(array_path, info, job.array.name, seen)
         self._checkpoint("before_encode")
         # Same job, same first-seen time -> same UIDs: a rerun after a crash rewrites one file.
         counter = iter(range(1000))
@@ -344,7 +356,10 @@ class Inbox:
         }
         summary = {k: v for k, v in summary.items() if v is not None}
         text = yaml.safe_dump(summary, sort_keys=False)
-        self._move(job, self.done_dir, result_text=text)
+        if not self._move(job, self.done_dir, result_text=text, expect=row["files"]):
+            log.warning("job %s was replaced while it was being derived: the first version is done "
+                        "(SOP Instance UID %s); the new files stay in the inbox", job.name,
+                        row["sop_instance_uid"])
 
     def _refuse_name(self, job: JobFiles) -> int:
         """A job name that is not UTF-8 (os.fsdecode's escapes in it): failed, with a reason."""
@@ -357,22 +372,33 @@ class Inbox:
             log.error("cannot move job %s to failed/: %s", wire(job.name), exc.strerror or exc)
         return 1
 
-    def _fail(self, job: JobFiles, message: str) -> None:
+    def _fail(self, job: JobFiles, message: str, seen: dict[str, str] | None = None) -> int:
+        """Mark the job failed and move it to failed/; a job replaced meanwhile is left instead."""
         message = " ".join(message.split())
         if not message.endswith("."):
             message += "."
-        with db.transaction(self.conn):
-            jobs.mark_failed(self.conn, job.name, message, self.clock())
+        read = jobfiles.identity(job, seen or {})
         self._waiting_logged.discard(job.name)
+        if jobfiles.replaced(job, read):  # what failed is gone: the new files get a fresh start
+            with db.transaction(self.conn):
+                jobs.delete(self.conn, job.name)
+            log.warning("job %s was replaced while it was being derived (the first version failed: "
+                        "%s); the new files are left for the next poll", job.name, message)
+            return 0
+        with db.transaction(self.conn):
+            jobs.mark_failed(self.conn, job.name, message, self.clock(), files=read)
         log.warning("job %s failed: %s", job.name, message)
         self.metrics.inbox_job("failed")
-        self._move(job, self.failed_dir, error=message)
+        self._move(job, self.failed_dir, error=message, expect=read)
+        return 1
 
     def _move(self, job: JobFiles, folder: Path, error: str | None = None,
-              result_text: str | None = None) -> None:
-        jobfiles.move(job, folder, self.path, error=error, result_text=result_text,
-                      before_move=lambda: self._checkpoint("before_move"))
-        log.info("job %s moved to %s/", wire(job.name), folder.name)
+              result_text: str | None = None, expect: str | None = None) -> bool:
+        moved = jobfiles.move(job, folder, self.path, error=error, result_text=result_text,
+                              before_move=lambda: self._checkpoint("before_move"), expect=expect)
+        if moved:
+            log.info("job %s moved to %s/", wire(job.name), folder.name)
+        return moved
 
     def _checkpoint(self, point: str) -> None:
         """Test hook: tell ``checkpoint`` (one of CHECKPOINTS) where a job is."""

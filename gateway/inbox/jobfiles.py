@@ -60,10 +60,12 @@ def _read_error(path: Path, exc: OSError) -> JobError:
     return JobError(f"cannot read {path.name}: {reason}; make it a readable file in the inbox")
 
 
-def read_sidecar(path: Path) -> sidecar.Job:
-    """Read and parse a sidecar file (at most 64 KiB are read)."""
+def read_sidecar(path: Path, seen: dict[str, str] | None = None, name: str | None = None) -> sidecar.Job:
+    """Read and parse a sidecar file (at most 64 KiB are read); ``seen[name]`` gets its identity."""
     try:
         with os.fdopen(arrays.open_regular(path), "rb") as f:  # never blocks on a FIFO
+            if seen is not None:
+                seen[name or path.name] = arrays.identity(os.fstat(f.fileno()))
             data = f.read(_MAX_SIDECAR_READ)
     except OSError as exc:
         raise _read_error(path, exc) from None
@@ -162,6 +164,29 @@ def find_ready(folder: Path) -> list[JobFiles]:
     return jobs
 
 
+def identity(job: JobFiles, seen: dict[str, str]) -> str | None:
+    """The identity of the job's files as read (``seen``), as ``jobs.files`` records it."""
+    if job.array is None or job.sidecar.name not in seen or job.array.name not in seen:
+        return None
+    return f"{seen[job.sidecar.name]}/{seen[job.array.name]}"
+
+
+def current_identity(job: JobFiles) -> str | None:
+    """The identity of the files now under the job's names (None when one is missing)."""
+    if job.array is None:
+        return None
+    try:
+        return "/".join(arrays.identity(os.stat(p)) for p in (job.sidecar, job.array))
+    except OSError:
+        return None
+
+
+def replaced(job: JobFiles, recorded: str | None) -> bool:
+    """True when the files under the job's names are not the ones ``recorded``: a new job."""
+    now = current_identity(job)
+    return recorded is not None and now is not None and now != recorded
+
+
 def dropped_after(job: JobFiles, when: float | None) -> bool:
     """True when the job's files were (re)written after ``when``: a new job, not leftovers."""
     try:
@@ -172,25 +197,54 @@ def dropped_after(job: JobFiles, when: float | None) -> bool:
 
 
 def move(job: JobFiles, folder: Path, inbox: Path, error: str | None = None,
-         result_text: str | None = None, before_move: Callable[[], None] = lambda: None) -> None:
-    """Write NAME.error.txt / NAME.result.yaml into ``folder``, then move the job's files there."""
+         result_text: str | None = None, before_move: Callable[[], None] = lambda: None,
+         expect: str | None = None) -> bool:
+    """Write NAME.error.txt / NAME.result.yaml into ``folder``, then move the job's files there.
+
+    With ``expect`` (the identity the job was read with), files that are no longer those
+    stay in the inbox as a new job: checked before the move, and again on each moved file
+    (a rewrite racing the rename is put back). Returns False when the files were left.
+    """
     if error is not None:
         write_atomic(folder / f"{job.name}.error.txt", lambda f: f.write((error + "\n").encode()))
     if result_text is not None:
         write_atomic(folder / f"{job.name}.result.yaml", lambda f: f.write(result_text.encode()))
     before_move()
+    if replaced(job, expect):
+        return False
+    wanted = dict(zip((job.sidecar.name, job.array.name), expect.split("/"))) if (
+        expect is not None and job.array is not None) else {}
+    left = False
     # The array first, the sidecar last: a job is never left with only its array moved
     # while its sidecar still says "ready".
     for path in (job.array, job.sidecar):
         if path is None:
             continue
+        target = folder / path.name
         try:
-            os.replace(path, folder / path.name)
+            os.replace(path, target)
         except FileNotFoundError:
             pass  # already moved by an earlier, interrupted pass
-        restrict(folder / path.name)  # 0600 (a symlink is left as it is, not its target)
+        else:
+            if path.name in wanted and _put_back_if_new(target, path, wanted[path.name]):
+                left = True
+                break
+        restrict(target)  # 0600 (a symlink is left as it is, not its target)
     for moved in (folder, inbox):
         try:
             fsync_dir(moved)  # the renames survive a crash; if one is lost the move is redone
         except OSError:
             pass
+    return not left
+
+
+def _put_back_if_new(moved: Path, original: Path, expected: str) -> bool:
+    """A file rewritten between the identity check and its rename goes back (if its name is free)."""
+    try:
+        if arrays.identity(os.stat(moved)) == expected:
+            return False
+        os.link(moved, original, follow_symlinks=False)  # never over a newer file of that name
+    except OSError:
+        return False
+    os.unlink(moved)
+    return True

@@ -156,6 +156,12 @@ CREATE INDEX instance_attributes_accession ON instance_attributes(accession_numb
     ("jobs.derive_attempts", """
         ALTER TABLE jobs ADD COLUMN derive_attempts INTEGER NOT NULL DEFAULT 0;
     """),
+    # Which files a job was derived from (inode:size:mtime_ns of its sidecar and array, read
+    # when the derivation started): files found later under the job's name with another
+    # identity are a new job that replaced it mid-derive, never leftovers to move away.
+    ("jobs.files", """
+        ALTER TABLE jobs ADD COLUMN files TEXT;
+    """),
 ]
 
 

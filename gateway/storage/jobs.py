@@ -52,14 +52,17 @@ def mark_done(conn: sqlite3.Connection, name: str, sop_instance_uid: str, series
     )
 
 
-def start_derive(conn: sqlite3.Connection, name: str) -> None:
-    """Count one derivation start of a job (committed before the derivation runs)."""
-    conn.execute("UPDATE jobs SET derive_attempts = derive_attempts + 1 WHERE name = ?", (name,))
+def start_derive(conn: sqlite3.Connection, name: str, files: str | None = None) -> None:
+    """Count one derivation start of a job and record which files it reads (committed before
+    the derivation runs)."""
+    conn.execute("UPDATE jobs SET derive_attempts = derive_attempts + 1, "
+                 "files = COALESCE(?, files) WHERE name = ?", (files, name))
 
 
-def mark_failed(conn: sqlite3.Connection, name: str, error: str, now: float) -> None:
-    conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE name = ?",
-                 (JobState.FAILED.value, now, error, name))
+def mark_failed(conn: sqlite3.Connection, name: str, error: str, now: float,
+                files: str | None = None) -> None:
+    conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ?, files = COALESCE(?, files) "
+                 "WHERE name = ?", (JobState.FAILED.value, now, error, files, name))
 
 
 def counts(conn: sqlite3.Connection) -> dict:
