@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,18 @@ def store_counts(conn: sqlite3.Connection) -> dict:
 def indexed_paths(conn: sqlite3.Connection) -> set[str]:
     """Every indexed file's path (relative to data_dir): what reconcile compares the store with."""
     return {row[0] for row in conn.execute("SELECT path FROM instances")}
+
+
+def drop_missing(conn: sqlite3.Connection, paths: Iterable[str], reason: str, now: float) -> list[str]:
+    """Forget the instances whose files (``paths``) are gone; their unsent queue items fail with
+    ``reason``. Returns the SOP Instance UIDs forgotten (call inside a transaction)."""
+    dropped = []
+    for path in paths:
+        for row in conn.execute("SELECT sop_instance_uid FROM instances WHERE path = ?", (path,)).fetchall():
+            sop = row["sop_instance_uid"]
+            conn.execute("UPDATE queue SET state = 'failed', last_error = ?, updated_at = ? "
+                         "WHERE sop_instance_uid = ? AND state IN ('pending', 'sending')", (reason, now, sop))
+            conn.execute("DELETE FROM instance_attributes WHERE sop_instance_uid = ?", (sop,))
+            conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
+            dropped.append(sop)
+    return dropped

@@ -129,3 +129,39 @@ def test_uid_locks_are_freed_after_use():
 def test_every_store_of_one_folder_shares_its_uid_locks(tmp_path, conn):  # noqa: F811
     make = lambda: Store(tmp_path / "var", tmp_path / "var" / "store", conn, router=default_router([], []))  # noqa: E731
     assert make()._uid_locks is make()._uid_locks  # receive, STOW and the inbox each open one
+
+
+def test_reconcile_forgets_a_row_whose_file_a_failed_resend_took_away(tmp_path, store, conn, caplog):  # noqa: F811
+    assert store.ingest(spooled(tmp_path), DIMSE).outcome is Outcome.STORED
+    other = "1.2.3.4.8"
+    assert store.ingest(spooled(tmp_path, dataset(sop=other)), DIMSE).outcome is Outcome.STORED
+    # The resend replaces the indexed file, then its commit fails: the new file is quarantined
+    # and the old row points to a file that is gone.
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON queue BEGIN SELECT RAISE(ABORT, 'no'); END")
+    assert store.ingest(spooled(tmp_path, dataset(pixels=b"\7\7" * 16)), DIMSE).outcome is Outcome.FAILED
+    conn.execute("DROP TRIGGER refuse")
+    gone = tmp_path / "var" / index.get_instance(conn, SOP)["path"]
+    assert not gone.exists()
+
+    with caplog.at_level(logging.WARNING, logger="gateway.reconcile"):
+        done = reconcile(store)
+
+    assert done.forgotten == 1 and done.indexed == 0 and done.quarantined == 0
+    assert index.get_instance(conn, SOP) is None
+    assert conn.execute("SELECT COUNT(*) FROM instance_attributes WHERE sop_instance_uid = ?", (SOP,)).fetchone()[0] == 0
+    items = conn.execute("SELECT state, last_error FROM queue WHERE sop_instance_uid = ?", (SOP,)).fetchall()
+    assert items and all(r["state"] == "failed" and "was gone when the gateway started" in r["last_error"] for r in items)
+    assert index.get_instance(conn, other) is not None  # the others are untouched
+    assert {r["state"] for r in conn.execute("SELECT state FROM queue WHERE sop_instance_uid = ?", (other,))} == {"pending"}
+    lines = [r.message for r in caplog.records if "gone from the store" in r.message]
+    assert len(lines) == 1 and str(gone.relative_to(tmp_path / "var")) in lines[0]
+    assert reconcile(store) == type(done)()  # nothing left to do
+
+
+def test_reconcile_leaves_the_index_alone_when_no_indexed_file_is_there(tmp_path, store, conn, caplog):  # noqa: F811
+    assert store.ingest(spooled(tmp_path), DIMSE).outcome is Outcome.STORED
+    (tmp_path / "var" / "store").rename(tmp_path / "var" / "unmounted")  # as an unmounted volume
+    with caplog.at_level(logging.ERROR, logger="gateway.reconcile"):
+        assert reconcile(store).forgotten == 0
+    assert index.get_instance(conn, SOP) is not None
+    assert any("is the store folder mounted" in r.message for r in caplog.records)
