@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
 log = logging.getLogger("gateway.qido")
 
 # The table is made by the migration "instance_attributes" in db.MIGRATIONS.
@@ -96,9 +98,60 @@ def values_of(ds) -> dict[str, object]:
     return row
 
 
-def record(conn: sqlite3.Connection, sop_instance_uid: str, ds) -> None:
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    return tag_for_keyword(keyword), dictionary_VR(keyword)
+
+
+_RAW = {attr.column[2:]: _tag_and_vr(attr.keyword) for attr in _STORED}
+_CHARSET_TAG = tag_for_keyword("SpecificCharacterSet")
+_RAW_TAGS = frozenset([_CHARSET_TAG, *(tag for tag, _ in _RAW.values())])
+#: Character sets whose text the fast reading decodes itself; any other goes through pydicom.
+_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+#: VRs whose values pydicom strips on both sides (the others keep leading spaces).
+_STRIPPED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
+
+
+def values_of_header(header) -> dict[str, object]:
+    """``values_of`` the header, read by the header walker where it can (no pydicom Dataset:
+    that costs a millisecond per received instance), by pydicom otherwise; never raises."""
+    try:
+        raw = header.raw_values(_RAW_TAGS)
+        row = None if raw is None else _decode(raw, header.transfer_syntax)
+    except Exception:  # odd bytes: pydicom's reading decides
+        row = None
+    return values_of(header.dataset) if row is None else row
+
+
+def _decode(raw: dict[int, tuple[bytes | None, bytes]], transfer_syntax: str) -> dict[str, object] | None:
+    """The column values from raw element bytes; None when pydicom must decide (another
+    character set, an unexpected VR)."""
+    charset = raw.get(_CHARSET_TAG, (None, b""))[1].decode("latin-1").strip("\x00 ")
+    codec = _CODECS.get(charset)
+    if codec is None:
+        return None
+    little = transfer_syntax != "1.2.840.10008.1.2.2"
+    row: dict[str, object] = {}
+    for column, (tag, vr) in _RAW.items():
+        found = raw.get(tag)
+        if found is None:
+            row[column] = None
+            continue
+        element_vr, value = found
+        if element_vr is not None and element_vr.decode("latin-1") != vr:
+            return None
+        if vr == "US":
+            row[column] = int.from_bytes(value[:2], "little" if little else "big") if len(value) >= 2 else None
+            continue
+        parts = value.decode(codec, "replace").split("\\")
+        parts = [p.strip("\x00 ") if vr in _STRIPPED_VRS else p.rstrip("\x00 ") for p in parts]
+        row[column] = "\\".join(parts).strip() or None
+    row[_CHARSET_COLUMN] = charset or None
+    return row
+
+
+def record(conn: sqlite3.Connection, sop_instance_uid: str, ds=None, *, row: dict | None = None) -> None:
     """Insert or replace the searchable attributes of one instance (call inside ingest's transaction)."""
-    row = values_of(ds)
+    row = values_of(ds) if row is None else row
     columns = ", ".join(["sop_instance_uid", *row])
     marks = ", ".join("?" * (len(row) + 1))
     conn.execute(f"INSERT OR REPLACE INTO instance_attributes ({columns}) VALUES ({marks})",
@@ -107,7 +160,7 @@ def record(conn: sqlite3.Connection, sop_instance_uid: str, ds) -> None:
 
 def indexer(conn: sqlite3.Connection, header) -> None:
     """``Store`` indexer (every store has it): a stored instance's attributes, in the ingest transaction."""
-    record(conn, header.sop_instance_uid, header.dataset)
+    record(conn, header.sop_instance_uid, row=values_of_header(header))
 
 
 def missing(conn: sqlite3.Connection, limit: int = 1000) -> list[sqlite3.Row]:
