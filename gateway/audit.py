@@ -48,6 +48,8 @@ APPLICATION_ROLE = _code("110150", "Application")
 APPLICATION_LAUNCHER = _code("110151", "Application Launcher")
 
 STUDY_UID = _code("110180", "Study Instance UID")
+#: ParticipantObjectIDTypeCode of a patient (RFC 3881 code 2, as PS3.15 A.5.3 uses it).
+PATIENT_NUMBER = {"csd-code": "2", "codeSystemName": "RFC-3881", "originalText": "Patient Number"}
 
 #: EventActionCode (PS3.15 A.5.1): Create, Read, Update, Delete, Execute.
 CREATE, READ, EXECUTE = "C", "R", "E"
@@ -98,6 +100,16 @@ def study_object(study_uid: str, series: dict[str, int] | None = None, *,
     return obj
 
 
+def patient_object(patient_id: str) -> dict:
+    """The Patient ParticipantObjectIdentification ATNA lists for instances transferred: the ID only."""
+    return {
+        "ParticipantObjectID": patient_id,
+        "ParticipantObjectTypeCode": 1,  # Person
+        "ParticipantObjectTypeCodeRole": 1,  # Patient
+        "ParticipantObjectIDTypeCode": PATIENT_NUMBER,
+    }
+
+
 def build(event_id: dict, outcome: int, *, action: str = EXECUTE, when: datetime,
           source_id: str, type_codes: tuple[dict, ...] = (), description: str | None = None,
           participants: tuple | list = (), objects: tuple | list = ()) -> dict:
@@ -127,23 +139,34 @@ def build(event_id: dict, outcome: int, *, action: str = EXECUTE, when: datetime
 
 @dataclass
 class Tally:
-    """What one association stored: per study, per series instance counts and bytes."""
+    """What one association stored: per study, per series instance counts and bytes, and
+    the patient of each study where it is known."""
 
     studies: dict[str, dict[str, int]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)  # study UID -> Patient ID
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, study_uid: str, series_uid: str, size: int) -> None:
+    def add(self, study_uid: str, series_uid: str, size: int, patient_id: str | None = None) -> None:
         with self.lock:
             series = self.studies.setdefault(study_uid, {})
             series[series_uid] = series.get(series_uid, 0) + 1
             self.sizes[study_uid] = self.sizes.get(study_uid, 0) + size
+            if patient_id:
+                self.patients.setdefault(study_uid, patient_id)
+
+    def set_patient(self, study_uid: str, patient_id: str | None) -> None:
+        if patient_id:
+            with self.lock:
+                self.patients.setdefault(study_uid, patient_id)
 
     def objects(self) -> list[dict]:
+        """The study objects, then one Patient object per distinct Patient ID."""
         with self.lock:
-            return [study_object(study, dict(series), instances=sum(series.values()),
-                                 size=self.sizes.get(study) or None)
-                    for study, series in sorted(self.studies.items())]
+            studies = [study_object(study, dict(series), instances=sum(series.values()),
+                                    size=self.sizes.get(study) or None)
+                       for study, series in sorted(self.studies.items())]
+            return studies + [patient_object(pid) for pid in sorted(set(self.patients.values()))]
 
 
 # --------------------------------------------------------------------------- the writer

@@ -298,6 +298,14 @@ def _status(result: Result) -> Dataset:
     return rsp
 
 
+def _patient_id(header) -> str | None:
+    """The audit trail's Patient ID (from the data set ingest parsed); never fails a store."""
+    try:
+        return header.patient_id
+    except Exception:  # an odd data set: the audit message just has no patient object
+        return None
+
+
 def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
               registry: Associations, metrics: Metrics) -> Dataset:
     """Spooled data set -> store.ingest -> DIMSE status; log one line either way."""
@@ -332,7 +340,8 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
         log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
                  result.size)
         if state.tally is not None:
-            state.tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0)
+            state.tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0,
+                            _patient_id(result.header))
         metrics.received(calling, result.size or 0, time.monotonic() - started)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))

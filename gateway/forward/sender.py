@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from gateway.config import Config
 from gateway.dimse import scu
 from gateway.forward import outcome
 from gateway.forward.outcome import Outcome, Verdict
-from gateway.storage import db, queue
+from gateway.storage import db, qido, queue
 
 log = logging.getLogger("gateway.forward")
 
@@ -249,6 +250,12 @@ class Sender:
         else:
             result = audit_trail.Outcome.MINOR_FAILURE if sent.studies else audit_trail.Outcome.SERIOUS_FAILURE
             description = f"{len(failures)} item(s) not delivered: {failures[-1]}"
+        try:
+            conn = self._db()
+            for study in list(sent.studies):
+                sent.set_patient(study, qido.patient_of_study(conn, study))
+        except sqlite3.Error as exc:  # the message still goes out, without its patient object
+            log.warning("audit: cannot look up the patients of a batch sent to %s: %s", self.name, exc)
         if self.dest.type == "dicomweb":
             who, address = self.dest.url, urlsplit(self.dest.url).hostname
         else:

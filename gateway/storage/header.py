@@ -260,6 +260,12 @@ def _read_meta(buf: bytes) -> tuple[dict[str, str], int]:
 # --------------------------------------------------------------------------- the header
 
 
+_CHARSET_TAG, _PATIENT_ID_TAG = 0x00080005, 0x00100020
+_PATIENT_TAGS = frozenset([_CHARSET_TAG, _PATIENT_ID_TAG])
+#: Character sets whose text ``Header.patient_id`` decodes itself (as qido's fast reading does).
+_SIMPLE_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+
+
 @dataclass(frozen=True)
 class Header:
     """What one Part 10 file says about itself, read within ``HEADER_BUDGET``."""
@@ -308,6 +314,21 @@ class Header:
                     data = f.read(HEADER_BUDGET)
                 whole = len(data) < HEADER_BUDGET
         return None
+
+    @property
+    def patient_id(self) -> str | None:
+        """Patient ID for the audit trail: the walker reads it from the head already in memory
+        (two early elements, no pydicom Dataset); pydicom only for another character set or
+        a structure the walker leaves to it."""
+        raw = self.raw_values(_PATIENT_TAGS)
+        if raw is not None:
+            charset = raw.get(_CHARSET_TAG, (None, b""))[1].decode("latin-1").strip("\x00 ")
+            codec = _SIMPLE_CODECS.get(charset)
+            if codec is not None:
+                value = raw.get(_PATIENT_ID_TAG, (None, b""))[1].decode(codec, "replace").strip("\x00 ")
+                return value or None
+        value = self.dataset.get("PatientID")
+        return (str(value).strip() or None) if value else None
 
     @cached_property
     def dataset(self) -> Dataset:

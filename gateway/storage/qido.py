@@ -339,3 +339,13 @@ def known_sops(conn: sqlite3.Connection, sop_instance_uids: Iterable[str]) -> se
                             f"({','.join('?' * len(chunk))})", chunk)
         found.update(r[0] for r in rows)
     return found
+
+
+def patient_of_study(conn: sqlite3.Connection, study_uid: str) -> str | None:
+    """The Patient ID indexed for a study (the audit trail's patient object), or None."""
+    row = conn.execute(
+        """SELECT a.patient_id FROM instances i JOIN instance_attributes a
+           ON a.sop_instance_uid = i.sop_instance_uid
+           WHERE i.study_uid = ? AND a.patient_id IS NOT NULL AND a.patient_id != '' LIMIT 1""",
+        (study_uid,)).fetchone()
+    return row[0] if row else None

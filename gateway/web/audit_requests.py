@@ -6,9 +6,16 @@ A pure-ASGI layer (bodies stay streamed); the trail comes through ``Deps.extras[
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from urllib.parse import unquote
 
+from anyio import CancelScope, to_thread
+
 from gateway import audit as audit_trail
+from gateway.storage import qido
+
+log = logging.getLogger("gateway.audit")
 
 PREFIX = "/dicom-web/"
 _QUERY_LEVELS = ("studies", "series", "instances")
@@ -22,9 +29,18 @@ def _outcome(status: int) -> int:
     return audit_trail.Outcome.SERIOUS_FAILURE
 
 
+def retrieved_study(method: str, path: str, status: int) -> str | None:
+    """The study a successful WADO-RS request retrieved from (its patient is looked up), or None."""
+    parts = [unquote(p) for p in path[len(PREFIX):].split("/") if p]
+    if method == "GET" and status < 400 and len(parts) >= 2 and parts[0] == "studies" \
+            and parts[-1] not in _QUERY_LEVELS:
+        return parts[1]
+    return None
+
+
 def describe(method: str, path: str, query: str, status: int, identity: str, address: str | None,
-             node_ae: str) -> dict:
-    """``AuditLog.record`` arguments for one request (pure)."""
+             node_ae: str, patient_id: str | None = None) -> dict:
+    """``AuditLog.record`` arguments for one request (pure); ``patient_id``: of a retrieved study."""
     parts = [unquote(p) for p in path[len(PREFIX):].split("/") if p]
     participants = [
         audit_trail.participant(identity or "-", requestor=True, address=address,
@@ -55,6 +71,8 @@ def describe(method: str, path: str, query: str, status: int, identity: str, add
             detail["SOPInstanceUID"] = parts[5]
         obj["ParticipantObjectDescription"] = detail
         objects.append(obj)
+        if patient_id:
+            objects.append(audit_trail.patient_object(patient_id))
     action = audit_trail.CREATE if method == "POST" else audit_trail.READ
     return dict(event_id=audit_trail.INSTANCES_TRANSFERRED, outcome=_outcome(status), action=action,
                 description=description, participants=participants, objects=objects)
@@ -85,7 +103,22 @@ class AuditRequests:
         finally:
             client = scope.get("client")
             identity = (scope.get("state") or {}).get("identity") or "-"
-            args = describe(scope.get("method", "GET"), path, scope.get("query_string", b"").decode(
+            method = scope.get("method", "GET")
+            study = retrieved_study(method, path, seen["status"])
+            patient = None
+            if study:
+                with CancelScope(shield=True):  # a client gone mid-response still gets its line
+                    patient = await to_thread.run_sync(self._patient, study)
+            args = describe(method, path, scope.get("query_string", b"").decode(
                 "latin-1"), seen["status"], identity, client[0] if client else None,
-                self.deps.config.node.ae_title)
+                self.deps.config.node.ae_title, patient)
             audit.record(args.pop("event_id"), args.pop("outcome"), **args)
+
+    def _patient(self, study_uid: str) -> str | None:
+        """The retrieved study's Patient ID from the index (one indexed lookup, off the event loop)."""
+        try:
+            with self.deps.reader() as conn:
+                return qido.patient_of_study(conn, study_uid)
+        except sqlite3.Error as exc:
+            log.warning("audit: cannot look up the patient of study %s: %s", study_uid, exc)
+            return None

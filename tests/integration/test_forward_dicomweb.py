@@ -154,7 +154,11 @@ def test_received_series_and_inbox_result_reach_orthanc_byte_identical(
     assert transfers and all(e["EventIdentification"]["EventOutcomeIndicator"] == 0 for e in transfers)
     assert transfers[0]["ActiveParticipant"][1]["AlternativeUserID"] == "destination cloud"
     assert sum(o["ParticipantObjectDescription"]["NumberOfInstances"]
-               for e in transfers for o in e["ParticipantObjectIdentification"]) == 7
+               for e in transfers for o in e["ParticipantObjectIdentification"]
+               if o["ParticipantObjectTypeCode"] == 2) == 7
+    patients = {o["ParticipantObjectID"] for e in transfers for o in e["ParticipantObjectIdentification"]
+                if o["ParticipantObjectTypeCode"] == 1}
+    assert patients == {"PID0001"}  # sources and the SEG derived from them: one patient
 
 
 def test_wrong_password_fails_for_good_with_the_servers_reason(tmp_path, orthanc_web, ct_series,

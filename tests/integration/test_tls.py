@@ -64,6 +64,20 @@ def _type(event: dict) -> str | None:
     return types[0]["csd-code"] if types else None
 
 
+#: The Patient ID of every series ``ct_series`` writes (scripts/make_ct_series.py).
+PATIENT = {"ParticipantObjectID": "PID0001", "ParticipantObjectTypeCode": 1, "ParticipantObjectTypeCodeRole": 1,
+           "ParticipantObjectIDTypeCode": {"csd-code": "2", "codeSystemName": "RFC-3881",
+                                           "originalText": "Patient Number"}}
+
+
+def _studies(event: dict) -> list[dict]:
+    return [o for o in event.get("ParticipantObjectIdentification", []) if o["ParticipantObjectTypeCode"] == 2]
+
+
+def _patients(event: dict) -> list[dict]:
+    return [o for o in event.get("ParticipantObjectIdentification", []) if o["ParticipantObjectTypeCode"] == 1]
+
+
 def test_tls_listener_peers_and_audit(gateway_factory, dcmtk, ct_series, pki, fast_path):
     """One mixed run: stored over TLS with a client certificate and over the plain port; refused
     without a certificate, with a foreign CA's, with the wrong CN, over plain TCP when TLS is
@@ -149,8 +163,10 @@ def test_tls_listener_peers_and_audit(gateway_factory, dcmtk, ct_series, pki, fa
     ), kinds
     received = [e for e in events if _code(e) == "110104"]
     counts = sorted(o["ParticipantObjectDescription"]["NumberOfInstances"]
-                    for e in received for o in e["ParticipantObjectIdentification"])
+                    for e in received for o in _studies(e))
     assert counts == [1, 2, 3]
+    for e in received:  # ATNA's Patient object: the Patient ID of what was received, once
+        assert _patients(e) == [PATIENT], e
     siteb = [e for e in received if e["ActiveParticipant"][0]["UserID"] == "SITEB"][0]
     assert "CN=site-b.test" in siteb["ActiveParticipant"][0]["AlternativeUserID"]
     assert siteb["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1"
@@ -235,7 +251,8 @@ def test_forward_over_tls_to_orthanc_and_storescp(gateway_factory, dcmtk, orthan
         for name in ("orthanc", "scp"):
             assert {e["EventIdentification"]["EventOutcomeIndicator"] for e in to[f"destination {name}"]} == {0}
             assert sum(o["ParticipantObjectDescription"]["NumberOfInstances"]
-                       for e in to[f"destination {name}"] for o in e["ParticipantObjectIdentification"]) == 4
+                       for e in to[f"destination {name}"] for o in _studies(e)) == 4
+            assert all(_patients(e) == [PATIENT] for e in to[f"destination {name}"])
         assert {e["EventIdentification"]["EventOutcomeIndicator"] for e in to["destination bad"]} == {8}
         assert all("name mismatch" in e["EventIdentification"]["EventOutcomeDescription"]
                    for e in to["destination bad"])
@@ -314,6 +331,8 @@ def test_dicomweb_requests_in_the_audit_trail(gateway_factory, ct_series):
     retrieved = web[2]["ParticipantObjectIdentification"][0]
     assert retrieved["ParticipantObjectID"] == study
     assert retrieved["ParticipantObjectDescription"]["SeriesInstanceUID"] == series
+    assert _patients(web[2]) == [PATIENT]  # the retrieved study's patient, from the index
+    assert _patients(web[0]) == [] and _patients(web[1]) == []  # STOW-RS and QIDO-RS name none
     assert all(p["NetworkAccessPointID"] == "127.0.0.1" for e in web for p in e["ActiveParticipant"][:1])
     text = (gw.config_path.parent / "var" / "audit.jsonl").read_text()
     assert WRITER_TOKEN not in text and READER_TOKEN not in text

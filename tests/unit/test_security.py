@@ -209,3 +209,52 @@ def test_dicomweb_request_descriptions():
     assert s["action"] == "C" and s["outcome"] == 8 and s["objects"] == []
     a = describe("GET", "/dicom-web/studies", "", 401, "-", "10.0.0.9", "GW")
     assert a["event_id"] == audit_trail.USER_AUTHENTICATION and a["outcome"] == 4
+
+
+def test_patient_objects_in_instances_transferred():
+    from gateway.web.audit_requests import describe, retrieved_study
+
+    tally = audit_trail.Tally()
+    tally.add("1.2.1", "1.2.1.1", 10, "PAT-1")
+    tally.add("1.2.1", "1.2.1.2", 10, None)
+    tally.add("1.2.2", "1.2.2.1", 10, "PAT-1")  # a second study of the same patient
+    tally.add("1.2.3", "1.2.3.1", 10)  # no Patient ID known: no patient object for it
+    objects = tally.objects()
+    assert [o["ParticipantObjectID"] for o in objects] == ["1.2.1", "1.2.2", "1.2.3", "PAT-1"]
+    assert objects[-1] == {"ParticipantObjectID": "PAT-1", "ParticipantObjectTypeCode": 1,
+                           "ParticipantObjectTypeCodeRole": 1,
+                           "ParticipantObjectIDTypeCode": {"csd-code": "2", "codeSystemName": "RFC-3881",
+                                                           "originalText": "Patient Number"}}
+    assert retrieved_study("GET", "/dicom-web/studies/1.2/series/1.3", 200) == "1.2"
+    assert retrieved_study("GET", "/dicom-web/studies/1.2/series", 200) is None  # a query
+    assert retrieved_study("GET", "/dicom-web/studies/1.2", 404) is None
+    w = describe("GET", "/dicom-web/studies/1.2", "", 200, "u", None, "GW", patient_id="PAT-9")
+    assert [o["ParticipantObjectTypeCode"] for o in w["objects"]] == [2, 1]
+    assert w["objects"][1]["ParticipantObjectID"] == "PAT-9"
+
+
+def test_the_patient_id_comes_from_the_head_in_memory_and_from_the_index(tmp_path):
+    from gateway.storage import db, qido
+    from gateway.storage.header import read_header
+    from gateway.storage.store import Outcome, Store, default_router
+    from tests.unit.test_store import DIMSE, STUDY, dataset, spooled
+
+    conn = db.connect(tmp_path / "var" / "gateway.sqlite3")
+    try:
+        store = Store(tmp_path / "var", tmp_path / "var" / "store", conn, router=default_router([], []))
+        result = store.ingest(spooled(tmp_path), DIMSE)
+        assert result.outcome is Outcome.STORED
+        assert result.header.patient_id == "P1"
+        assert "dataset" not in result.header.__dict__  # no pydicom Dataset on the receive path
+        assert qido.patient_of_study(conn, STUDY) == "P1"  # what the senders and WADO-RS audit use
+        assert qido.patient_of_study(conn, "9.9.9") is None
+    finally:
+        conn.close()
+    for charset, pid in [("ISO_IR 192", "Zoë-7"), ("ISO_IR 100", "Zoë-7"), ("ISO 2022 IR 100", "Zoë-7"), (None, "")]:
+        ds = dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.PatientID = pid
+        path = tmp_path / f"{charset}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert read_header(path).patient_id == (pid or None), charset  # the fast reading or pydicom's
