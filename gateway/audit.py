@@ -193,6 +193,14 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._closed = False
+        self._tickers: list[Callable[[], None]] = []
+        self._from_tickers: list[str] = []  # recorded by a ticker, in the writer thread itself
+
+    def add_ticker(self, tick: Callable[[], None]) -> None:
+        """Call ``tick`` from the writer thread about once a second (it may ``record``): how
+        aggregated events (dimse.refusals) are written when their window ends, with no thread
+        of their own."""
+        self._tickers.append(tick)
 
     def record(self, event_id: dict, outcome: int, **kwargs) -> None:
         """Queue one audit message (``build``'s keyword arguments); written within a second."""
@@ -200,7 +208,11 @@ class AuditLog:
             log.error("audit event after close dropped: %s", event_id.get("originalText"))
             return
         message = build(event_id, outcome, when=self._clock(), source_id=self.source_id, **kwargs)
-        self._queue.put(json.dumps(message, separators=(",", ":"), ensure_ascii=True))
+        line = json.dumps(message, separators=(",", ":"), ensure_ascii=True)
+        if threading.current_thread() is self._thread:  # a ticker: never wait on our own queue
+            self._from_tickers.append(line)
+        else:
+            self._queue.put(line)
 
     def start(self) -> "AuditLog":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,11 +239,26 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.fchmod(self._fd, 0o600)
 
+    def _tick(self) -> list[str]:
+        for tick in self._tickers:
+            try:
+                tick()
+            except Exception:  # a ticker's bug must not stop the trail
+                log.exception("audit ticker failed")
+        lines, self._from_tickers = self._from_tickers, []
+        return lines
+
     def _run(self) -> None:
         done = False
         while not done:
             lines = []
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.FLUSH_SECONDS if self._tickers else None)
+            except queue.Empty:
+                ticked = self._tick()
+                if ticked:
+                    self._write(ticked)
+                continue
             deadline = time.monotonic() + self.FLUSH_SECONDS
             while True:
                 if item is None:
@@ -245,6 +272,8 @@ class AuditLog:
                     item = self._queue.get(timeout=remaining)
                 except queue.Empty:
                     break
+            if self._tickers:
+                lines.extend(self._tick())
             if lines:
                 self._write(lines)
 

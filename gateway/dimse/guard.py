@@ -12,7 +12,9 @@ server's accept step (the listener thread, before any thread exists for the conn
   oldest connection that has not finished associating after ``grace`` seconds is closed to
   make room (a port scan or a stalled peer cannot lock real modalities out); when every
   slot is an established association the new connection is closed at once;
-* ``close_all`` shuts every connection's socket, so threads blocked in a read end now.
+* ``close_all`` shuts every connection's socket, so threads blocked in a read end now;
+* every refusal and every connection closed to make room goes to the audit trail through
+  ``dimse.refusals`` (at most one message per address and reason per second, with a count).
 
 It works on any pynetdicom ``AssociationServer``; for TLS use ``dimse.tls``'s server class,
 which does the handshake in the connection's own thread (pynetdicom's own does it in the
@@ -82,8 +84,10 @@ class ConnectionGuard:
         timeout: float,
         clock: Callable[[], float] = time.monotonic,
         grace: float = EVICT_GRACE_SECONDS,
+        refusals=None,
     ):
         self.limit, self.timeout, self.grace, self.clock = limit, timeout, grace, clock
+        self.refusals = refusals  # a dimse.refusals.RefusalTrail, or None: not audited
         self._lock = threading.Lock()
         self._conns: dict[int, _Conn] = {}
         self._refused = 0
@@ -117,22 +121,31 @@ class ConnectionGuard:
         """socketserver's verify_request: True to serve ``sock``, False closes it at once."""
         now = self.clock()
         address = f"{client_address[0]}:{client_address[1]}"
+        audited, refused = None, False
         with self._lock:
             self._prune()
             if len(self._conns) >= self.limit:
                 victim = self._oldest_unassociated(now)
                 if victim is None:
                     self._refuse(sock, address, now)
-                    return False
-                del self._conns[id(victim.sock)]
-                log.warning(
-                    "closing the connection from %s: it has not associated after %.0f s and all "
-                    "node.max_associations (%d) connections are taken", victim.address,
-                    now - victim.since, self.limit,
-                )
-                _shut(victim.sock)
-            self._conns[id(sock)] = _Conn(sock, address, now)
-        return True
+                    refused = True
+                    audited = (str(client_address[0]), f"node.max_associations ({self.limit}) reached, "
+                               "every connection is an association in progress")
+                else:
+                    del self._conns[id(victim.sock)]
+                    log.warning(
+                        "closing the connection from %s: it has not associated after %.0f s and all "
+                        "node.max_associations (%d) connections are taken", victim.address,
+                        now - victim.since, self.limit,
+                    )
+                    _shut(victim.sock)
+                    audited = (victim.address.rsplit(":", 1)[0], "closed before associating to make "
+                               f"room: node.max_associations ({self.limit}) connections were taken")
+            if not refused:
+                self._conns[id(sock)] = _Conn(sock, address, now)
+        if audited is not None and self.refusals is not None:
+            self.refusals.refused(*audited)  # outside the lock: the audit queue may be slow
+        return not refused
 
     def _prune(self) -> None:
         for key, conn in list(self._conns.items()):
@@ -181,3 +194,5 @@ class ConnectionGuard:
             conns = list(self._conns.values())
         for conn in conns:
             _shut(conn.sock)
+        if self.refusals is not None:
+            self.refusals.close()  # counts still waiting are written before the trail closes

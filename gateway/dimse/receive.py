@@ -38,6 +38,7 @@ from gateway.logsafe import wire
 from gateway.metrics import Metrics
 from gateway.dimse.netutil import set_nodelay
 from gateway.dimse.guard import ConnectionGuard
+from gateway.dimse.refusals import RefusalTrail
 from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool
 from gateway.storage.files import free_bytes
 from gateway.routing.router import Router
@@ -507,7 +508,8 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
         ) from None
     # Before any thread exists for a connection: one cap over both listeners and a read
     # timeout on every accepted socket (dimse.guard).
-    guard = ConnectionGuard(node.max_associations, node.network_timeout_seconds)
+    guard = ConnectionGuard(node.max_associations, node.network_timeout_seconds,
+                            refusals=RefusalTrail(audit, node.ae_title))
     for server in servers:
         guard.install(server)
     return ReceiveServer(ae, servers, store, config, tls_server, guard)
