@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gateway.storage.store import Arrival, Expected, Result, Source, Store
+from gateway.storage.store import Arrival, Expected, Outcome, Result, Source, Store
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Ingested:
     sop_instance_uid: str | None = None
     series_uid: str | None = None
     study_uid: str | None = None
+    patient_id: str | None = None  # of a stored instance, for the audit trail's Patient object
 
 
 def read_dataset(path: Path):
@@ -37,7 +38,15 @@ def _ingested(result: Result) -> Ingested:
     if header is None:
         return Ingested(result)
     return Ingested(result, header.sop_class_uid, header.sop_instance_uid, header.series_uid,
-                    header.study_uid)
+                    header.study_uid, _patient_id(header) if result.outcome is Outcome.STORED else None)
+
+
+def _patient_id(header) -> str | None:
+    """From the bytes in memory (the header walker); an odd data set just has none."""
+    try:
+        return header.patient_id
+    except Exception:
+        return None
 
 
 def ingest_files(store: Store, paths: list[Path], expected_study: str | None, peer: str,

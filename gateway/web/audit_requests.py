@@ -39,8 +39,9 @@ def retrieved_study(method: str, path: str, status: int) -> str | None:
 
 
 def describe(method: str, path: str, query: str, status: int, identity: str, address: str | None,
-             node_ae: str, patient_id: str | None = None) -> dict:
-    """``AuditLog.record`` arguments for one request (pure); ``patient_id``: of a retrieved study."""
+             node_ae: str, patient_id: str | None = None, stored: list[dict] | None = None) -> dict:
+    """``AuditLog.record`` arguments for one request (pure); ``patient_id``: of a retrieved study;
+    ``stored``: the study and patient objects of what a STOW-RS request stored."""
     parts = [unquote(p) for p in path[len(PREFIX):].split("/") if p]
     participants = [
         audit_trail.participant(identity or "-", requestor=True, address=address,
@@ -73,6 +74,8 @@ def describe(method: str, path: str, query: str, status: int, identity: str, add
         objects.append(obj)
         if patient_id:
             objects.append(audit_trail.patient_object(patient_id))
+    if method == "POST" and stored:
+        objects = list(stored)  # what was stored, counted (the URL's study is among them)
     action = audit_trail.CREATE if method == "POST" else audit_trail.READ
     return dict(event_id=audit_trail.INSTANCES_TRANSFERRED, outcome=_outcome(status), action=action,
                 description=description, participants=participants, objects=objects)
@@ -102,7 +105,8 @@ class AuditRequests:
             await self.app(scope, receive, watched)
         finally:
             client = scope.get("client")
-            identity = (scope.get("state") or {}).get("identity") or "-"
+            state = scope.get("state") or {}
+            identity = state.get("identity") or "-"
             method = scope.get("method", "GET")
             study = retrieved_study(method, path, seen["status"])
             patient = None
@@ -111,7 +115,7 @@ class AuditRequests:
                     patient = await to_thread.run_sync(self._patient, study)
             args = describe(method, path, scope.get("query_string", b"").decode(
                 "latin-1"), seen["status"], identity, client[0] if client else None,
-                self.deps.config.node.ae_title, patient)
+                self.deps.config.node.ae_title, patient, state.get("audit_objects"))
             audit.record(args.pop("event_id"), args.pop("outcome"), **args)
 
     def _patient(self, study_uid: str) -> str | None:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from gateway import audit as audit_trail
 from gateway.metrics import DICOMWEB
 from gateway.storage import ingest_web
 from gateway.storage.store import Outcome, Result
@@ -74,6 +75,17 @@ class PartOutcome:
     sop_instance_uid: str | None = None
     series_uid: str | None = None
     study_uid: str | None = None
+    patient_id: str | None = None
+
+
+def audit_objects(outcomes: list[PartOutcome]) -> list[dict]:
+    """What the request stored, for its audit message: studies with series counts and bytes,
+    and the Patient object of each Patient ID (audit_requests reads it from the request state)."""
+    tally = audit_trail.Tally()
+    for o in outcomes:
+        if o.result.outcome is Outcome.STORED and o.study_uid and o.series_uid:
+            tally.add(o.study_uid, o.series_uid, o.result.size or 0, o.patient_id)
+    return tally.objects()
 
 
 def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, identity: str) -> list[PartOutcome]:
@@ -101,7 +113,7 @@ def _ingest_parts(deps: Deps, parts: list[Part], study: str | None, peer: str, i
         if metrics is not None and g.result.outcome is Outcome.STORED:
             metrics.received(DICOMWEB, g.result.size or 0, each)
         outcomes[i] = PartOutcome(parts[i], g.result, g.sop_class_uid, g.sop_instance_uid, g.series_uid,
-                                  g.study_uid)
+                                  g.study_uid, g.patient_id)
     queued = {name for o in outcomes for name in o.result.queued_for}
     if queued:
         try:
@@ -180,6 +192,7 @@ async def _stow(request: Request, study: str | None, identity: Identity, deps: D
         outcomes = await run_in_threadpool(_ingest_parts, deps, parts, study, peer, str(identity))
     finally:
         parser.discard_all()
+    request.state.audit_objects = audit_objects(outcomes)
     n_ok = sum(o.result.outcome is Outcome.STORED for o in outcomes)
     log.info("STOW-RS from %s: %d of %d instance(s) stored%s", identity, n_ok, len(outcomes),
              "" if n_ok == len(outcomes) else "; " + "; ".join(

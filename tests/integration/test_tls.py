@@ -332,7 +332,11 @@ def test_dicomweb_requests_in_the_audit_trail(gateway_factory, ct_series):
     assert retrieved["ParticipantObjectID"] == study
     assert retrieved["ParticipantObjectDescription"]["SeriesInstanceUID"] == series
     assert _patients(web[2]) == [PATIENT]  # the retrieved study's patient, from the index
-    assert _patients(web[0]) == [] and _patients(web[1]) == []  # STOW-RS and QIDO-RS name none
+    stored = _studies(web[0])  # STOW-RS: what it stored, counted, and whose it is
+    assert [(o["ParticipantObjectID"], o["ParticipantObjectDescription"]["NumberOfInstances"]) for o in stored] == [
+        (study, 2)]
+    assert stored[0]["ParticipantObjectDescription"]["Series"] == [{"SeriesInstanceUID": series, "NumberOfInstances": 2}]
+    assert _patients(web[0]) == [PATIENT] and _patients(web[1]) == []  # QIDO-RS names no patient
     assert all(p["NetworkAccessPointID"] == "127.0.0.1" for e in web for p in e["ActiveParticipant"][:1])
     text = (gw.config_path.parent / "var" / "audit.jsonl").read_text()
     assert WRITER_TOKEN not in text and READER_TOKEN not in text

@@ -231,6 +231,9 @@ def test_patient_objects_in_instances_transferred():
     w = describe("GET", "/dicom-web/studies/1.2", "", 200, "u", None, "GW", patient_id="PAT-9")
     assert [o["ParticipantObjectTypeCode"] for o in w["objects"]] == [2, 1]
     assert w["objects"][1]["ParticipantObjectID"] == "PAT-9"
+    stored = tally.objects()
+    p = describe("POST", "/dicom-web/studies/1.2.1", "", 200, "w", None, "GW", stored=stored)
+    assert p["action"] == "C" and p["objects"] == stored  # the counted studies replace the URL's
 
 
 def test_the_patient_id_comes_from_the_head_in_memory_and_from_the_index(tmp_path):
