@@ -370,6 +370,9 @@ class DicomwebDestinationConfig(_Model):
     #: Instances per request up to this many bytes (one instance may exceed it alone).
     max_request_bytes: Annotated[ByteSize, _between(1, 2**40)] = ByteSize(64 * MebiByte)
     timeout_seconds: Seconds = 120.0
+    #: Send bodies with chunked transfer encoding (servers can store each instance as it
+    #: arrives); false, or a server answering 411, sends Content-Length instead.
+    chunked: bool = True
 
     @model_validator(mode="after")
     def _secure(self) -> "DicomwebDestinationConfig":

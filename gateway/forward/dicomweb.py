@@ -87,6 +87,7 @@ class DicomwebTransport:
         token_url = getattr(dest.auth, "token_url", None)
         self.credential = make_credential(dest.auth, lambda: make_client(dest, connect_timeout, token_url))
         self.requests = 0  # STOW-RS requests made (tests and benches read it)
+        self.chunked = dest.chunked  # until the server answers 411 Length Required
 
     @property
     def stow_url(self) -> str:
@@ -106,6 +107,14 @@ class DicomwebTransport:
     # ---------------------------------------------------------------- one request
 
     def _post_once(self, parts: list[Part]) -> dict[str, Outcome]:
+        outcomes = self._exchange(parts)
+        if outcomes is None:  # 411 to a chunked body: the same request with a Content-Length
+            outcomes = self._exchange(parts)
+        assert outcomes is not None  # not chunked any more: no second 411 turn
+        return outcomes
+
+    def _exchange(self, parts: list[Part]) -> dict[str, Outcome] | None:
+        """One request and its answer; None when a chunked body met 411 Length Required."""
         uids = [p.sop_instance_uid for p in parts]
         try:
             auth_headers = self.credential.headers()
@@ -114,15 +123,19 @@ class DicomwebTransport:
         except RetryLater as exc:
             return stowrs._all(uids, Outcome(Verdict.RETRY, str(exc)))
         body = stowrs.MultipartBody(parts, self._boundary())
-        headers = {
-            "Content-Type": body.content_type,
-            "Content-Length": str(len(body)),
-            "Accept": stowrs.ACCEPT,
-            **auth_headers,
-        }
+        headers = {"Content-Type": body.content_type, "Accept": stowrs.ACCEPT, **auth_headers}
+        if not self.chunked:
+            headers["Content-Length"] = str(len(body))
         self.requests += 1
         try:
+            # An iterator without Content-Length goes out chunked: a server that stores each
+            # part as it arrives (Orthanc does) works while the rest is still on its way,
+            # instead of buffering the whole request first.
             with self.client().stream("POST", self.stow_url, content=iter(body), headers=headers) as resp:
+                if resp.status_code == 411 and self.chunked:
+                    log.info("%s wants a Content-Length (411): sending it from now on, not chunked", self.name)
+                    self.chunked = False
+                    return None
                 data = bytearray()
                 for chunk in resp.iter_bytes():
                     data += chunk

@@ -135,7 +135,7 @@ class StowRequest:
     uids: list[str]
     authorization: str | None
     content_type: str
-    content_length: int
+    content_length: int  # the body's length as received (chunked or not)
     transfer_encoding: str | None
     client_port: int = 0
 
@@ -175,10 +175,13 @@ class StowPeer:
     client_secret: str = "client-s3cret"
     require_token: bool = False
     rejected_401: int = 0
+    refused_411: int = 0
     #: (certificate, key) PEM paths: serve HTTPS
     tls: tuple[Path, Path] | None = None
     #: with ``tls``: require a client certificate signed by this CA (ssl.CERT_REQUIRED)
     client_ca: Path | None = None
+    #: answer a chunked STOW-RS request 411 Length Required (after reading it), like old servers
+    length_required: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -226,11 +229,24 @@ class StowPeer:
                     return self._answer(200, {"Content-Type": "application/dicom+json"}, b"[]")
                 self._answer(404, {}, b"")
 
+            def _body(self) -> bytes:
+                if (self.headers.get("Transfer-Encoding") or "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = bytearray()
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        return bytes(body)
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+
             def do_POST(self):
                 import time
 
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
+                body = self._body()
+                length = len(body)
                 if self.path == "/token":
                     form = dict(urllib.parse.parse_qsl(body.decode()))
                     with peer.lock:
@@ -245,6 +261,10 @@ class StowPeer:
                          "expires_in": peer.token_lifetime}).encode())
                 if self.path != "/dicom-web/studies":
                     return self._answer(404, {}, b"")
+                if peer.length_required and self.headers.get("Transfer-Encoding"):
+                    with peer.lock:
+                        peer.refused_411 += 1
+                    return self._answer(411, {"Content-Type": "text/plain"}, b"Length Required")
                 ctype = self.headers.get("Content-Type", "")
                 message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                     f"Content-Type: {ctype}\r\n\r\n".encode() + body)

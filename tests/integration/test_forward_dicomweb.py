@@ -344,7 +344,7 @@ def test_202_with_failures_marks_each_instance_by_its_own_entry(tmp_path, stow_p
     assert rows[uids[4]]["last_error"] == "web answered HTTP 202 without mentioning this instance"
     assert len(peer.requests) == 1 and sorted(peer.requests[0].uids) == sorted(uids)
     request = peer.requests[0]
-    assert request.transfer_encoding is None and request.content_length > 5 * 8192  # Content-Length, streamed
+    assert request.transfer_encoding == "chunked" and request.content_length > 5 * 8192  # streamed
     assert request.content_type.startswith('multipart/related; type="application/dicom"; boundary=')
 
 
@@ -505,6 +505,30 @@ def test_requests_share_one_kept_alive_connection(tmp_path, stow_peer, ct_series
     sender.close()
     assert len(peer.requests) == 6
     assert len({r.client_port for r in peer.requests}) == 1
+
+
+def test_a_server_wanting_content_length_gets_it_after_its_411_and_chunked_false_sends_it_at_once(
+        tmp_path, stow_peer, ct_series):
+    """Chunked by default; 411 Length Required: the same request again with Content-Length, and
+    every later one; ``chunked: false`` never tries chunked."""
+    paths = ct_series(4, **SMALL)
+    peer = stow_peer(length_required=True)
+    sender, db_path = sender_for(tmp_path, {"type": "dicomweb", "url": peer.url, "max_request_bytes": 10_000})
+    uids = queue_all(sender, paths)
+    assert sender.run_once() == 4
+    sender.close()
+    assert peer.refused_411 == 1  # only the first request was chunked
+    assert [r.transfer_encoding for r in peer.requests] == [None] * 4  # 4 requests stored, all with a length
+    assert sorted(peer.stored) == sorted(uids)
+    assert {r["state"] for r in queue_rows(db_path, "web").values()} == {"sent"}
+
+    peer2 = stow_peer(length_required=True)
+    sender2, _ = sender_for(tmp_path / "two", {"type": "dicomweb", "url": peer2.url, "chunked": False})
+    queue_all(sender2, paths)
+    assert sender2.run_once() == 4
+    sender2.close()
+    assert peer2.refused_411 == 0 and len(peer2.requests) == 1
+    assert peer2.requests[0].transfer_encoding is None
 
 
 # --------------------------------------------------------------------------- the gateway's own STOW-RS server
