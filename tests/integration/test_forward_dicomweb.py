@@ -161,6 +161,32 @@ def test_received_series_and_inbox_result_reach_orthanc_byte_identical(
     assert patients == {"PID0001"}  # sources and the SEG derived from them: one patient
 
 
+def test_a_routing_rule_sends_received_instances_to_a_dicomweb_destination(
+        tmp_path, dcmtk, orthanc_web, gateway_factory):
+    """routes.rules name a DICOMweb destination like any other: only the matching instances go."""
+    from tests.helpers_series import make_series
+
+    orthanc = orthanc_web()
+    folder = tmp_path / "gw"
+    gw = gateway_factory(
+        folder,
+        destinations={"cloud": basic_dest(orthanc.dicomweb_url, folder)},
+        routes={"rules": [{"name": "ct-to-cloud", "match": {"modality": ["CT"]}, "destinations": ["cloud"]}]},
+    )
+    study = pydicom.uid.generate_uid()
+    ct = make_series(tmp_path / "ct", 3, "CT", study_uid=study)
+    mr = make_series(tmp_path / "mr", 2, "MR", study_uid=study)
+    result = dcmtk.storescu(gw.port, gw.ae_title, *ct, *mr)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: counts(gw, "cloud")["sent"] == 3, 60, 0.2, "the CT series sent to cloud")
+    report = json.loads(gw.cli("status", "--json").stdout)
+    assert report["rules"]["ct-to-cloud"]["matches"] == 3
+    assert report["queue_totals"]["pending"] == 0 and report["queue_totals"]["failed"] == 0
+    assert sorted(orthanc.received()) == sorted(uid_of(p) for p in ct)  # the MR went nowhere
+    for path in ct:
+        assert dataset_bytes(orthanc.instance_file(orthanc.find_instance(uid_of(path)))) == dataset_bytes(path)
+
+
 def test_wrong_password_fails_for_good_with_the_servers_reason(tmp_path, orthanc_web, ct_series,
                                                                gateway_factory):
     orthanc = orthanc_web()
