@@ -8,6 +8,7 @@ committed, what a running daemon pays) is shown as well. Prints median instances
 and the ratios gateway/pynetdicom-storescu and gateway/DCMTK-storescu.
 
     python3 bench/forward.py [--instances 200] [--rounds 3] [--size 512] [--orthanc] [--dicomweb | --dicomweb-only]
+                             [--gateway-variants 8,32,64L] [--target-setting KEY=JSON ...] [--memory-sizes 1,16,64,256]
 
 ``--dicomweb`` adds the STOW-RS case (``bench/dicomweb_case.py``): the same corpus to Orthanc's
 DICOMweb plugin from the gateway's queue, from dicomweb-client (50 per call) and from a second
@@ -204,6 +205,14 @@ def main() -> None:
                         help="also the DICOMweb case: STOW-RS to Orthanc's DICOMweb plugin from the gateway's "
                         "queue, dicomweb-client (50 per call) and Orthanc's own STOW-RS client")
     parser.add_argument("--dicomweb-only", action="store_true", help="only the DICOMweb case")
+    parser.add_argument("--gateway-variants", default="",
+                        help="DICOMweb case: more gateway passes in the same rounds, max_request_bytes in MiB, "
+                        "comma-separated; a trailing L sends Content-Length instead of chunked (e.g. 8,32,64L)")
+    parser.add_argument("--target-setting", action="append", default=[], metavar="KEY=JSON",
+                        help="DICOMweb case: a setting of the receiving Orthanc (the same for every sender), "
+                        "e.g. StoreMD5ForAttachments=false; repeatable")
+    parser.add_argument("--memory-sizes", default="1,16,64,256",
+                        help="DICOMweb case: max_request_bytes (MiB) of the gateway's peak-RSS sweep")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout whose gateway pass runs as tool 'baseline' (before/after)")
     args = parser.parse_args()
