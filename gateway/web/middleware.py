@@ -10,6 +10,8 @@ import json
 import logging
 import time
 
+from gateway.web import zerocopy
+
 log = logging.getLogger("gateway.http")
 
 
@@ -52,6 +54,8 @@ class LimitsAndLog:
                 state["started"] = True
             elif message["type"] == "http.response.body":
                 state["out"] += len(message.get("body", b""))
+            elif message["type"] == zerocopy.EXTENSION:
+                state["out"] += zerocopy.body_bytes(message)
             await send(message)
 
         async def limited_receive():

@@ -1,8 +1,9 @@
 """WADO-RS (PS3.18 10.4): instances, series and studies as multipart/related streamed from disk.
 
-The stored bytes go out unchanged, read into buffers of ``BATCH`` bytes (many small
-instances per write, a large one in several; one buffer read ahead in a worker thread while
-the other is sent, so at most two per request); uncompressed little endian instances may be re-labelled between Implicit and
+The stored bytes go out unchanged: by ``sendfile`` from a worker thread when the server offers
+zero-copy bodies (web/zerocopy.py: no buffer at all), otherwise read into buffers of ``BATCH``
+bytes (many small instances per write, a large one in several; one buffer read ahead in a
+worker thread while the other is sent, so at most two per request); uncompressed little endian instances may be re-labelled between Implicit and
 Explicit VR (``relabel_head``: the header is re-encoded, the pixel bytes are copied). Also
 metadata (DICOM JSON with BulkDataURIs), the bulk data behind those URIs, and frames.
 """
@@ -39,6 +40,7 @@ from gateway.web.negotiate import (
     choose_instance,
     parse_accept,
 )
+from gateway.web.zerocopy import EXTENSION
 
 log = logging.getLogger("gateway.wado")
 router = APIRouter(tags=["DICOMweb"])
@@ -96,10 +98,10 @@ def relabel_head(header: StoredHeader, target: str) -> bytes:
     return out.getvalue()
 
 
-def _instance_pieces(path: Path, choice: Choice) -> list:
+def _instance_pieces(path: str, choice: Choice, size: int) -> list:
     """What one instance's part body is made of: file ranges, and for a relabelled one its new head."""
     if choice.as_stored:
-        return [(path, 0, None)]
+        return [(path, 0, size)]
 
     def head_and_pixels() -> list:
         header = read_header(path)
@@ -137,7 +139,7 @@ def _chunks(pieces: list) -> Iterator[memoryview]:
                         buf, pos = bytearray(BATCH), 0
                     n = f.readinto(memoryview(buf)[pos:pos + min(left, len(buf) - pos)])
                     if not n:
-                        raise OSError(f"{path.name} is shorter than its index says")
+                        raise OSError(f"{os.path.basename(path)} is shorter than its index says")
                     pos += n
                     left -= n
         if pos >= len(buf):
@@ -160,6 +162,36 @@ async def _prefetched(chunks: Iterator[memoryview]) -> AsyncIterator[memoryview]
         yield chunk
 
 
+class PiecesResponse(StreamingResponse):
+    """A body of bytes and (path, start, length) file ranges (and callables making more pieces).
+
+    When the server offers ``gateway.response.pieces`` (web/zerocopy.py) and every piece is
+    known, the file ranges go to the socket by ``sendfile`` (no copy through Python, no
+    buffers); otherwise they are read into buffers of BATCH bytes, one read ahead in a worker.
+    """
+
+    def __init__(self, pieces: list, headers: dict[str, str], media_type: str):
+        super().__init__(_prefetched(_chunks(pieces)), headers=headers, media_type=media_type)
+        self.pieces = pieces
+
+    async def __call__(self, scope, receive, send) -> None:
+        if EXTENSION not in scope.get("extensions", {}) or any(callable(p) for p in self.pieces):
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        pieces = [] if scope.get("method") == "HEAD" else self.pieces
+        await send({"type": EXTENSION, "pieces": pieces, "more_body": False})
+
+
+def _rows_and_files(deps: Deps, study: str, series: str | None, instance: str | None) -> tuple[list, list, list]:
+    """The index rows, their files' paths, and the SOP Instance UIDs whose file is missing."""
+    rows = _rows(deps, study, series, instance)
+    folder = str(deps.data_dir)
+    paths = [os.path.join(folder, row["path"]) for row in rows]
+    missing = [row["sop_instance_uid"] for row, path in zip(rows, paths) if not os.path.isfile(path)]
+    return rows, paths, missing
+
+
 def _rows(deps: Deps, study: str, series: str | None, instance: str | None) -> list:
     with deps.reader() as conn:
         return qido.instances_of(conn, study, series, instance)
@@ -177,7 +209,7 @@ async def _retrieve(request: Request, deps: Deps, study: str, series: str | None
     for value, what in ((series, "Series Instance UID"), (instance, "SOP Instance UID")):
         if value is not None:
             check_uid_param(value, what)
-    rows = await run_in_threadpool(_rows, deps, study, series, instance)
+    rows, paths, missing = await run_in_threadpool(_rows_and_files, deps, study, series, instance)
     if not rows:
         raise HTTPException(404, f"no {_what(study, series, instance)} is stored here")
     ranges = parse_accept(request.headers.get("accept"))
@@ -187,17 +219,15 @@ async def _retrieve(request: Request, deps: Deps, study: str, series: str | None
             plan.append((row, choose_instance(ranges, row["transfer_syntax"], single=len(rows) == 1)))
     except NotAcceptable as exc:
         raise HTTPException(406, str(exc)) from None
-    data_dir = deps.data_dir
-    missing = [r["sop_instance_uid"] for r, _ in plan if not (data_dir / r["path"]).is_file()]
     if missing:
         raise HTTPException(404, f"the file of instance {missing[0]} is missing from the store; "
                                  "check the data folder")
     if not plan[0][1].multipart:
         row, choice = plan[0]
-        path = data_dir / row["path"]
+        path = paths[0]
         headers = {"Content-Length": str(row["size"])} if choice.as_stored else {}
-        return StreamingResponse(_prefetched(_chunks(_instance_pieces(path, choice))), headers=headers,
-                                 media_type=f"application/dicom; transfer-syntax={choice.transfer_syntax}")
+        return PiecesResponse(_instance_pieces(path, choice, row["size"]), headers,
+                              f"application/dicom; transfer-syntax={choice.transfer_syntax}")
     boundary = _boundary()
     base = base_url(request, deps)
     heads = []
@@ -213,12 +243,13 @@ async def _retrieve(request: Request, deps: Deps, study: str, series: str | None
         headers["Content-Length"] = str(total)
 
     pieces: list = []
-    for head, (row, choice) in zip(heads, plan):
-        pieces += [head, *_instance_pieces(data_dir / row["path"], choice), b"\r\n"]
-    pieces.append(tail)
+    end = b""  # the previous part's CRLF goes out with the next head: one write between files
+    for head, (row, choice), path in zip(heads, plan, paths):
+        pieces += [end + head, *_instance_pieces(path, choice, row["size"])]
+        end = b"\r\n"
+    pieces.append(end + tail)
 
-    return StreamingResponse(_prefetched(_chunks(pieces)), headers=headers,
-                             media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+    return PiecesResponse(pieces, headers, f'multipart/related; type="application/dicom"; boundary={boundary}')
 
 
 # --------------------------------------------------------------------------- metadata and bulk data
