@@ -4,10 +4,13 @@ The same 200-instance CT corpus (512x512 int16, ~105 MB) is stored with STOW-RS,
 per 50 instances, into a fresh gateway and a fresh Orthanc (DICOMweb plugin); the gateway's
 own C-STORE receive of the corpus (DCMTK storescu, one association) is timed too; then the
 series is retrieved with WADO-RS from each (``transfer-syntax=*``: stored bytes) and read to
-the end. Every round starts every server fresh, in a rotated order; medians over rounds,
-ratios from the same run, peak server RSS (psutil, sampled every 10 ms).
+the end by two clients, the same for both servers: a raw socket reading into one preallocated
+buffer and discarding it (the cheapest client: on 2 cores curl's own CPU was a large part of
+the retrieve time) and curl to /dev/null. Every round starts every server fresh, in a rotated
+order; medians over rounds, ratios from the same run, peak server RSS (psutil, sampled every
+10 ms), server and client CPU per retrieve, and the load average (the machine may be shared).
 
-    python3 bench/dicomweb.py [--rounds 3] [--wado-repeats 3]
+    python3 bench/dicomweb.py [--rounds 3] [--wado-repeats 3] [--wado-only]
 
 Targets (issue 13): STOW-RS >= 1.0x Orthanc and >= 0.8x the gateway's C-STORE receive;
 WADO-RS series retrieve >= 1.5x Orthanc.
@@ -17,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
@@ -171,40 +178,110 @@ def cstore(gateway: Gateway, files: list[Path]) -> tuple[float, int]:
     return elapsed, peak.peak
 
 
-def wado(server, study: str, series: str, expect_bytes: int) -> tuple[float, int]:
-    """Retrieve the series with curl (a C client, so the servers are what is measured), body to /dev/null."""
+def settle(servers, idle: float = 0.05, timeout: float = 30.0) -> None:
+    """Wait (bounded) until every server uses under ``idle`` of a CPU over half a second: work left
+    behind by the stores (indexing, series triggers) must not land in the retrieve times."""
+    deadline = time.monotonic() + timeout
+    procs = [psutil.Process(s.proc.pid) for s in servers]
+    while time.monotonic() < deadline:
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(0.5)
+        if all(sum(p.cpu_times()[:2]) - b < idle * 0.5 for p, b in zip(procs, before)):
+            return
+
+
+def fetch(url: str, accept: str) -> tuple[int, int, float, float]:
+    """GET ``url`` on a raw socket into one preallocated buffer, bytes discarded (the cheapest client).
+
+    The request says ``Connection: close`` so every server ends the body by closing (Orthanc
+    does anyway; the gateway sends Content-Length, checked here). Returns status, body bytes,
+    seconds from connect to EOF, and this process's CPU seconds over the same span.
+    """
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    cpu0, start = time.process_time(), time.perf_counter()
+    with socket.create_connection((parts.hostname, parts.port), timeout=600) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: {accept}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = sock.recv_into(view)
+            if not n:
+                raise SystemExit(f"{url}: the connection closed inside the response head")
+            head += bytes(view[:n])
+        head, _, rest = head.partition(b"\r\n\r\n")
+        total = len(rest)
+        while n := sock.recv_into(view):
+            total += n
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and int(value) != total:
+            raise SystemExit(f"{url}: Content-Length {value.strip()} but {total} body bytes")
+    return status, total, elapsed, cpu
+
+
+def wado(server, study: str, series: str, expect_bytes: int, client: str) -> tuple[float, int, float]:
+    """Retrieve the series, body discarded: ``raw`` = ``fetch`` in a child process (timed inside it,
+    so interpreter start is not counted), ``curl`` = curl to /dev/null (wall time of the process).
+    Returns seconds, the server's peak RSS, and the client's CPU seconds."""
     url = f"{server.url}/studies/{study}/series/{series}"
-    cmd = ["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H",
-           f"Accept: {ACCEPT_STORED}", url]
+    if client == "raw":
+        cmd = [sys.executable, __file__, "--fetch", url]
+    else:
+        cmd = ["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H",
+               f"Accept: {ACCEPT_STORED}", url]
     with Peak(server.proc.pid) as peak:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         elapsed = time.perf_counter() - start
-    status, size = result.stdout.split()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"WADO-RS from {type(server).__name__} with {client}: {result.stderr[-500:]}")
+    fields = result.stdout.split()
+    status, size = fields[0], fields[1]
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if client == "raw":
+        elapsed, cpu = float(fields[2]), float(fields[3])
     if status != "200" or int(size) < expect_bytes:
         raise SystemExit(f"WADO-RS from {type(server).__name__}: status {status}, {size} bytes")
-    return elapsed, peak.peak
+    return elapsed, peak.peak, cpu
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--wado-repeats", type=int, default=3)
+    parser.add_argument("--wado-only", action="store_true",
+                        help="store the corpus untimed and time only the WADO-RS retrieves")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicom-gateway-bench")
+    parser.add_argument("--fetch", metavar="URL", help=argparse.SUPPRESS)  # the raw client, run as a child
     args = parser.parse_args()
+    if args.fetch:
+        status, size, elapsed, cpu = fetch(args.fetch, ACCEPT_STORED)
+        print(status, size, f"{elapsed:.6f}", f"{cpu:.6f}")
+        return 0
     files = corpus(args.cache, "ct")
     total = sum(p.stat().st_size for p in files)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study, series = first.StudyInstanceUID, first.SeriesInstanceUID
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     requests = bodies(files, work / "bodies")
-    res: dict[str, list[tuple[float, int]]] = {}
+    res: dict[str, list[tuple]] = {}
     tasks = ["stow-gateway", "stow-orthanc", "cstore-gateway"]
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)",
+          flush=True)
     try:
         for rnd in range(args.rounds):
-            gw, orth, gw_dimse = (Gateway(work / f"gw-{rnd}"), OrthancWeb(work / f"orthanc-{rnd}"),
-                                  Gateway(work / f"gwd-{rnd}"))
-            for server in (gw, orth, gw_dimse):
+            gw, orth = Gateway(work / f"gw-{rnd}"), OrthancWeb(work / f"orthanc-{rnd}")
+            gw_dimse = None if args.wado_only else Gateway(work / f"gwd-{rnd}")
+            servers = [x for x in (gw, orth, gw_dimse) if x is not None]
+            for server in servers:
                 server.start()
             try:
                 order = tasks[rnd % 3:] + tasks[: rnd % 3]
@@ -213,54 +290,74 @@ def main() -> int:
                         out = stow(gw, requests)
                     elif task == "stow-orthanc":
                         out = stow(orth, requests)
-                    else:
+                    elif gw_dimse is not None:
                         out = cstore(gw_dimse, files)
+                    else:
+                        continue
+                    if args.wado_only:
+                        continue
                     res.setdefault(task, []).append(out)
                     print(f"  round {rnd + 1} {task:15s} {out[0]:7.2f} s {len(files) / out[0]:8.1f} inst/s "
                           f"peak {out[1] / 1e6:6.1f} MB", flush=True)
                 for server, name in ((gw, "gateway"), (orth, "orthanc"), (gw_dimse, "gateway (C-STORE)")):
-                    if server.stored() != len(files):
+                    if server is not None and server.stored() != len(files):
                         raise SystemExit(f"{name} stored {server.stored()} of {len(files)}")
+                settle([gw, orth])
                 for rep in range(args.wado_repeats):
-                    pair = [("wado-gateway", gw), ("wado-orthanc", orth)]
+                    pair = [("gateway", gw), ("orthanc", orth)]
                     if (rnd + rep) % 2:
                         pair.reverse()
-                    for task, server in pair:
-                        out = wado(server, study, series, total)
-                        res.setdefault(task, []).append(out)
-                        print(f"  round {rnd + 1} {task:15s} {out[0]:7.2f} s {total / out[0] / 1e6:8.1f} MB/s "
-                              f"peak {out[1] / 1e6:6.1f} MB", flush=True)
+                    for client in ("raw", "curl"):
+                        for name, server in pair:
+                            task = f"wado-{name}-{client}"
+                            proc = psutil.Process(server.proc.pid)
+                            cpu0 = sum(proc.cpu_times()[:2])
+                            t, pk, client_cpu = wado(server, study, series, total, client)
+                            out = (t, pk, client_cpu, sum(proc.cpu_times()[:2]) - cpu0)
+                            res.setdefault(task, []).append(out)
+                            print(f"  round {rnd + 1} {task:20s} {t:7.3f} s {total / t / 1e6:8.1f} MB/s "
+                                  f"peak {pk / 1e6:6.1f} MB  cpu: server {out[3] * 1e3:5.0f} ms "
+                                  f"client {client_cpu * 1e3:5.0f} ms", flush=True)
             finally:
-                for server in (gw, orth, gw_dimse):
+                for server in servers:
                     server.stop()
-                shutil.rmtree(work / f"gw-{rnd}", ignore_errors=True)
-                shutil.rmtree(work / f"orthanc-{rnd}", ignore_errors=True)
-                shutil.rmtree(work / f"gwd-{rnd}", ignore_errors=True)
+                for name in ("gw", "orthanc", "gwd"):
+                    shutil.rmtree(work / f"{name}-{rnd}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(task: str) -> float:
-        return statistics.median(t for t, _ in res[task])
+    def med(task: str, i: int = 0) -> float:
+        return statistics.median(r[i] for r in res[task])
 
     def peak(task: str) -> float:
-        return max(p for _, p in res[task]) / 1e6
+        return max(r[1] for r in res[task]) / 1e6
 
     n = len(files)
     print()
     print(f"corpus: {n} CT instances, {total / 1e6:.1f} MB; STOW-RS {PER_REQUEST} per request; "
-          f"medians of {args.rounds} rounds ({args.wado_repeats} WADO reads per round)")
-    print(f"  {'':28s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>7s} {'peak MB':>8s}")
-    rows = [("STOW-RS into gateway", "stow-gateway"), ("STOW-RS into Orthanc", "stow-orthanc"),
-            ("C-STORE into gateway", "cstore-gateway"), ("WADO-RS series, gateway", "wado-gateway"),
-            ("WADO-RS series, Orthanc", "wado-orthanc")]
+          f"medians of {args.rounds} rounds ({args.wado_repeats} WADO reads per round and client)")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    print(f"  {'':34s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>7s} {'peak MB':>8s} {'srv cpu ms':>10s} "
+          f"{'cli cpu ms':>10s}")
+    rows = [] if args.wado_only else [("STOW-RS into gateway", "stow-gateway"),
+                                      ("STOW-RS into Orthanc", "stow-orthanc"),
+                                      ("C-STORE into gateway", "cstore-gateway")]
+    for client in ("raw", "curl"):
+        rows += [(f"WADO-RS series, gateway, {client}", f"wado-gateway-{client}"),
+                 (f"WADO-RS series, Orthanc, {client}", f"wado-orthanc-{client}")]
     for label, task in rows:
         t = med(task)
-        print(f"  {label:28s} {t:9.2f} {n / t:8.1f} {total / t / 1e6:7.1f} {peak(task):8.1f}")
-    ratios = {
-        "STOW-RS gateway / Orthanc (target >= 1.0x)": med("stow-orthanc") / med("stow-gateway"),
-        "STOW-RS gateway / its C-STORE (target >= 0.8x)": med("cstore-gateway") / med("stow-gateway"),
-        "WADO-RS gateway / Orthanc (target >= 1.5x)": med("wado-orthanc") / med("wado-gateway"),
-    }
+        cpu = f"{med(task, 3) * 1e3:10.0f} {med(task, 2) * 1e3:10.0f}" if task.startswith("wado") else ""
+        print(f"  {label:34s} {t:9.3f} {n / t:8.1f} {total / t / 1e6:7.1f} {peak(task):8.1f} {cpu}")
+    ratios = {}
+    if not args.wado_only:
+        ratios["STOW-RS gateway / Orthanc (target >= 1.0x)"] = med("stow-orthanc") / med("stow-gateway")
+        ratios["STOW-RS gateway / its C-STORE (target >= 0.8x)"] = med("cstore-gateway") / med("stow-gateway")
+    ratios["WADO-RS gateway / Orthanc, raw-socket client (target >= 1.5x)"] = (
+        med("wado-orthanc-raw") / med("wado-gateway-raw"))
+    ratios["WADO-RS gateway / Orthanc, curl client"] = med("wado-orthanc-curl") / med("wado-gateway-curl")
+    ratios["WADO-RS server CPU per retrieve, Orthanc / gateway"] = med("wado-orthanc-raw", 3) / max(
+        med("wado-gateway-raw", 3), 1e-3)
     for label, value in ratios.items():
         print(f"  {label}: {value:.2f}x")
     print(json.dumps({k: round(v, 3) for k, v in ratios.items()}))
