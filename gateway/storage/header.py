@@ -23,7 +23,7 @@ from functools import cached_property
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -51,6 +51,8 @@ MAX_META_BYTES = 64 * 1024
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 PIXEL_DATA_TAG = 0x7FE00010
+#: Float Pixel Data, Double Float Pixel Data and Pixel Data: where a header ends.
+PIXEL_TAGS = (0x7FE00008, 0x7FE00009, PIXEL_DATA_TAG)
 #: Series Instance UID: the last of the identifying UIDs; the fast walk stops after it.
 LAST_UID_TAG = 0x0020000E
 UID_TAGS = {
@@ -203,7 +205,7 @@ def _complete_prefix(buf: bytes, explicit: bool, little: bool) -> int:
     while pos < len(buf):
         try:
             tag, vr, length, header = _element_at(buf, pos, explicit, little)
-            if tag >= PIXEL_DATA_TAG:
+            if tag >= PIXEL_TAGS[0]:
                 return pos
             count[0] += 1
             if count[0] > HEADER_ELEMENT_BUDGET:
@@ -331,18 +333,64 @@ class Header:
         return (str(value).strip() or None) if value else None
 
     @cached_property
-    def dataset(self) -> Dataset:
-        """Every top-level element before Pixel Data that lies within the budget (pydicom, lazily).
-
-        When the header came from a short head, the rest of the budget is read from ``path``
-        (``store.ingest`` keeps it pointing at the file: the spool file, then the stored one).
-        """
-        data = self.data
-        if not self.whole and len(data) < HEADER_BUDGET and self.path is not None:
+    def _budget(self) -> bytes:
+        """The data set's first HEADER_BUDGET bytes: when the header came from a short head, the
+        rest is read from ``path`` (``store.ingest`` keeps it pointing at the file)."""
+        if not self.whole and len(self.data) < HEADER_BUDGET and self.path is not None:
             with open(self.path, "rb") as f:
                 f.seek(self.dataset_offset)
-                data = f.read(HEADER_BUDGET)
-        return _parse_dataset(data, self.transfer_syntax)
+                return f.read(HEADER_BUDGET)
+        return self.data
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """Every top-level element before Pixel Data that lies within the budget (pydicom, lazily)."""
+        return _parse_dataset(self._budget, self.transfer_syntax)
+
+    @cached_property
+    def pixel_data(self) -> "PixelData | None":
+        """Where (Float) Pixel Data lies in the file, so its bytes can be served without loading them.
+
+        None when there is none within the budget, and for a deflated file (its offsets are in
+        the inflated stream, not the file).
+        """
+        if self.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            return None
+        explicit, little = _syntax_flags(self.transfer_syntax)
+        data = self._budget
+        end = _complete_prefix(data, explicit, little)
+        try:
+            tag, vr, length, size = _element_at(data, end, explicit, little)
+        except _NeedMore:
+            return None
+        if tag not in PIXEL_TAGS:
+            return None
+        start = self.dataset_offset + end
+        return PixelData(tag, vr.decode("ascii", "replace") if vr else None, start, start + size,
+                         None if length == _UNDEFINED else length)
+
+    @cached_property
+    def file_meta(self) -> FileMetaDataset:
+        """The File Meta Information group as pydicom reads it (from ``path``)."""
+        if self.path is None:
+            raise UnreadableHeader("the file meta of a header read from memory is not kept")
+        with open(self.path, "rb") as f:
+            f.seek(132)
+            raw = f.read(self.dataset_offset - 132)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return FileMetaDataset(read_dataset(BytesIO(raw), False, True))
+
+
+@dataclass(frozen=True)
+class PixelData:
+    """Where a stored file's Pixel Data element and value start (file offsets) and how long it is."""
+
+    tag: int  # PIXEL_TAGS
+    vr: str | None  # None in Implicit VR files
+    element_offset: int
+    value_offset: int
+    length: int | None  # None: undefined length (encapsulated)
 
 
 def _raw_values_cut(data: bytes, explicit: bool, little: bool, tags: frozenset[int]):

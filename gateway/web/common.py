@@ -1,13 +1,15 @@
 """What the DICOMweb handlers share: URLs, Accept checks, UID path checks, stored-file headers as JSON.
 
-``read_header`` reads a stored Part 10 file up to its Pixel Data (large values deferred:
-they are read from disk only when served) and says where Pixel Data lies in the file, so
-WADO-RS can stream pixels and frames from their byte offsets without loading them.
+``read_header`` reads a stored Part 10 file up to its Pixel Data through the one Part 10
+reader (storage/header.py: at most its HEADER_BUDGET of data set is held) and says where
+Pixel Data lies in the file, so WADO-RS can stream pixels and frames from their byte offsets
+without loading them.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,18 +17,15 @@ from typing import Callable
 from fastapi import HTTPException, Request
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
+from gateway.errors import UnreadableHeader
+from gateway.storage import header as stored_header
 from gateway.storage.uids import is_valid_uid
 
-#: Values longer than this are not loaded with a header (bounded memory per request).
-DEFER_BYTES = 64 * 1024
 #: Binary values longer than this are given as BulkDataURI in metadata.
 BULK_THRESHOLD = 1024
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}
-_UNDEFINED = 0xFFFFFFFF
 
 
 def base_url(request: Request, deps) -> str:
@@ -73,37 +72,27 @@ class StoredHeader:
         return self.pixel_tag is not None and self.pixel_length is None
 
 
-def read_header(path: Path) -> StoredHeader:
-    """Read ``path`` up to Pixel Data; raises ``ValueError`` (one sentence) or ``OSError``."""
-    with open(path, "rb") as fp:
-        try:
-            ds = read_partial(fp, stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS, defer_size=DEFER_BYTES)
-        except Exception as exc:
-            raise ValueError(f"{Path(path).name} is not a readable DICOM file ({type(exc).__name__})") from None
-        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
-        pos = fp.tell()
-        fp.seek(0, 2)
-        size = fp.tell()
-        fp.seek(pos)
-        head = fp.read(12)
-    little = ts != "1.2.840.10008.1.2.2"
-    explicit = ts != "1.2.840.10008.1.2"
-    order = "little" if little else "big"
-    tag = vr = length = None
-    value_offset = pos
-    if len(head) >= 8:
-        t = (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
-        if t in _PIXEL_TAGS:
-            tag = t
-            if explicit:
-                vr = head[4:6].decode("ascii", "replace")
-                length = int.from_bytes(head[8:12], order)
-                value_offset = pos + 12
-            else:
-                vr = "OW" if t == 0x7FE00010 else ("OF" if t == 0x7FE00008 else "OD")
-                length = int.from_bytes(head[4:8], order)
-                value_offset = pos + 8
-    return StoredHeader(ds, ts, tag, vr, pos, value_offset, None if length == _UNDEFINED else length, size)
+def read_header(path: Path | str) -> StoredHeader:
+    """Read ``path`` up to Pixel Data with the one Part 10 reader (storage/header.py, bounded by its
+    budget); raises ``ValueError`` (one sentence) or ``OSError``."""
+    path = Path(path)
+    try:
+        header = stored_header.read_header(path)
+        ds = header.dataset
+        ds.file_meta = header.file_meta
+        pixel = header.pixel_data
+    except UnreadableHeader as exc:
+        raise ValueError(f"{path.name} is not a readable DICOM file: {exc}") from None
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom on a damaged data set
+        raise ValueError(f"{path.name} is not a readable DICOM file ({type(exc).__name__})") from None
+    size = os.stat(path).st_size
+    if pixel is None:
+        return StoredHeader(ds, UID(header.transfer_syntax), None, None, size, size, None, size)
+    vr = pixel.vr or ("OW" if pixel.tag == 0x7FE00010 else ("OF" if pixel.tag == 0x7FE00008 else "OD"))
+    return StoredHeader(ds, UID(header.transfer_syntax), pixel.tag, vr, pixel.element_offset,
+                        pixel.value_offset, pixel.length, size)
 
 
 def _raw_vr_length(ds: Dataset, tag) -> tuple[str | None, int]:
