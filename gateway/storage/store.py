@@ -22,7 +22,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -38,6 +38,7 @@ from gateway.storage.files import (
     place_atomic,
 )
 from gateway.storage.header import Header, read_header
+from gateway.storage.uidlock import ProcessLocks, process_locks_for
 from gateway.storage.uids import check_uid
 
 log = logging.getLogger("gateway.store")
@@ -158,11 +159,13 @@ def quarantine(data_dir: Path, path: Path, reason: str) -> Path | None:
 
 
 class UidLocks:
-    """One lock per SOP Instance UID (reference counted), so a file and its row change together."""
+    """One lock per SOP Instance UID (reference counted), so a file and its row change together;
+    with ``between`` (``uidlock.ProcessLocks``) also against other processes on the same data folder."""
 
-    def __init__(self):
+    def __init__(self, between: ProcessLocks | None = None):
         self._mutex = threading.Lock()
         self._locks: dict[str, list] = {}  # uid -> [Lock, holders and waiters]
+        self._between = between
 
     @contextmanager
     def hold(self, uids: Iterable[str]):
@@ -175,7 +178,8 @@ class UidLocks:
                     entry[1] += 1
                 entry[0].acquire()
                 taken.append(uid)
-            yield
+            with self._between.hold(taken) if self._between is not None else nullcontext():
+                yield
         finally:
             for uid in reversed(taken):
                 with self._mutex:
@@ -193,11 +197,13 @@ _SHARED_LOCKS: dict[Path, UidLocks] = {}
 _SHARED_MUTEX = threading.Lock()
 
 
-def uid_locks_for(store_dir: Path) -> UidLocks:
-    """The one ``UidLocks`` of a store folder in this process (receive, STOW and inbox share it)."""
+def uid_locks_for(store_dir: Path, data_dir: Path | None = None) -> UidLocks:
+    """The one ``UidLocks`` of a store folder in this process (receive, STOW and inbox share it);
+    with ``data_dir``, serialized with other processes too (``send`` next to ``run``)."""
     key = Path(os.path.abspath(store_dir))
     with _SHARED_MUTEX:
-        return _SHARED_LOCKS.setdefault(key, UidLocks())
+        return _SHARED_LOCKS.setdefault(
+            key, UidLocks(process_locks_for(data_dir) if data_dir is not None else None))
 
 
 def discard(path: Path) -> None:
@@ -238,7 +244,7 @@ class Store:
         self.checkpoint = checkpoint or (lambda name: None)
         self.indexers = tuple(indexers)
         self._db_lock = threading.Lock()
-        self._uid_locks = uid_locks_for(self.store_dir)
+        self._uid_locks = uid_locks_for(self.store_dir, self.data_dir)
 
     @classmethod
     def open(cls, config, router: Router | None = None, **kwargs) -> Store:
