@@ -86,8 +86,8 @@ class FileChanged(OSError):
 class MultipartBody:
     """``multipart/related; type="application/dicom"``: each stored file as one part.
 
-    The length is known before the first byte is sent (part headers plus file sizes), so the
-    request carries Content-Length rather than chunked encoding, which some servers refuse.
+    The length is known before the first byte is sent (part headers plus file sizes), for a
+    server that wants a Content-Length rather than the chunked encoding sent by default.
     Iterate it once per send: each pass reopens the files.
     """
 
@@ -97,25 +97,27 @@ class MultipartBody:
         self.parts = list(parts)
         self.boundary = boundary
         self.chunk_bytes = chunk_bytes
-        self._head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-        self._between = b"\r\n" + self._head
         self._tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+
+    def _head(self, i: int) -> bytes:
+        """Part ``i``'s delimiter and headers. Its Content-Length lets a streaming parser
+        (Orthanc's) take the part whole instead of searching its bytes for the boundary."""
+        delimiter = "--" if i == 0 else "\r\n--"
+        return (f"{delimiter}{self.boundary}\r\nContent-Type: application/dicom\r\n"
+                f"Content-Length: {self.parts[i].size}\r\n\r\n").encode("ascii")
 
     @property
     def content_type(self) -> str:
         return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
 
     def __len__(self) -> int:
-        n = len(self.parts)
-        if not n:
+        if not self.parts:
             return 0
-        return len(self._head) + (n - 1) * len(self._between) + len(self._tail) + sum(
-            p.size for p in self.parts
-        )
+        return len(self._tail) + sum(len(self._head(i)) + p.size for i, p in enumerate(self.parts))
 
     def __iter__(self) -> Iterator[bytes]:
         for i, part in enumerate(self.parts):
-            yield self._head if i == 0 else self._between
+            yield self._head(i)
             sent = 0
             with open(part.path, "rb") as f:
                 while True:

@@ -61,6 +61,8 @@ def test_body_is_valid_multipart_related_with_each_file_byte_for_byte(tmp_path):
     got = [part.get_payload(decode=True) for part in message.iter_parts()]
     assert [part.get_content_type() for part in message.iter_parts()] == ["application/dicom"] * 4
     assert got == [p.path.read_bytes() for p in parts]
+    # each part says its length (a streaming parser takes it whole, no boundary search)
+    assert [part["Content-Length"] for part in message.iter_parts()] == [str(p.size) for p in parts]
 
 
 def test_body_is_read_in_bounded_chunks_and_each_pass_rereads_the_files(tmp_path):
