@@ -51,12 +51,12 @@ def run(config: Config, stop: threading.Event | None = None,
     # CPU) only to warn; we check the UIDs that matter ourselves (uids.check_uid).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
-    if config.performance.pynetdicom_fast_path:  # never fall back silently: refuse, exit 2
-        from gateway.dimse import fence
+    from gateway.dimse import fence  # never fall back silently: refuse, exit 2
 
-        problems = fence.missing()
-        if problems:
-            raise FastPathUnavailable([fence.refusal(problems)])
+    fast = config.performance.pynetdicom_fast_path
+    problems = fence.missing(fast)
+    if problems:
+        raise FastPathUnavailable([fence.refusal(problems, fast)])
 
     # One process per data folder, before anything in it is touched (DataDirInUse: exit 2).
     data_lock = datadir.lock(config.node.data_dir)

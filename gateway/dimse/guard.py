@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 from pynetdicom import evt
 
+from gateway.dimse.netutil import raw_socket
+
 log = logging.getLogger("gateway.receive")
 
 #: A connection younger than this is never closed to make room (a real peer associates in
@@ -109,7 +111,7 @@ class ConnectionGuard:
         server.bind(evt.EVT_CONN_OPEN, self._opened)
 
     def _opened(self, event) -> None:
-        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        sock = raw_socket(event.assoc)
         with self._lock:
             conn = self._conns.get(id(sock))
             if conn is not None and conn.sock is sock:

@@ -36,7 +36,7 @@ from gateway.dimse import peers, tls
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
 from gateway.metrics import Metrics
-from gateway.dimse.netutil import set_nodelay
+from gateway.dimse.netutil import raw_socket, set_nodelay
 from gateway.dimse.guard import ConnectionGuard
 from gateway.dimse.refusals import RefusalTrail
 from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool
@@ -205,7 +205,7 @@ def _audit_received(event, audit, registry: Associations) -> None:
 
 def _connection(assoc) -> tuple[str, bool, dict | None]:
     """(peer address, over TLS, verified client certificate) of an acceptor association."""
-    sock = getattr(assoc.dul.socket, "socket", None)
+    sock = raw_socket(assoc)
     cert = tls.peer_certificate(sock)
     return str(getattr(assoc.requestor, "address", "?")), sock is not None and tls.is_tls(sock), cert
 

@@ -12,7 +12,7 @@ from pynetdicom.sop_class import Verification
 from gateway.config import Config, DestinationConfig
 from gateway.errors import RetryLater, UnknownDestination
 from gateway.dimse import tls
-from gateway.dimse.netutil import set_nodelay
+from gateway.dimse.netutil import CONNECTED, raw_socket, set_nodelay
 
 NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_nodelay)]
 
@@ -65,7 +65,7 @@ def probe_tls(dest: DestinationConfig, timeout: float) -> tuple[dict | None, str
 def describe_failure(assoc, dest: DestinationConfig, timeout: float = 10.0) -> str:
     """One sentence for an association that did not establish."""
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    if not getattr(assoc, "gateway_connected", False):
+    if assoc not in CONNECTED:
         if dest.tls is not None:
             _, reason = probe_tls(dest, timeout)
             if reason is not None:
@@ -102,7 +102,7 @@ def echo(config: Config, name: str) -> str | None:
     if not assoc.is_established:
         raise RetryLater(describe_failure(assoc, dest, config.forward.connect_timeout_seconds))
     detail = None
-    sock = assoc.dul.socket.socket
+    sock = raw_socket(assoc)
     if tls.is_tls(sock):
         detail = describe_peer_certificate(sock.getpeercert(), sock.version())
     try:
