@@ -60,6 +60,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from gateway.errors import PeerGone
+from gateway.dimse.meter import MAX_COMMAND_BYTES, MAX_IN_MEMORY_DATASET_BYTES, pdu_limit
 from gateway.dimse.codec import (
     ABORT,
     PDATA_HEAD,
@@ -296,8 +297,7 @@ def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
     sock = assoc.dul.socket
     if type(sock) is AssociationSocket:
         sock.__class__ = _GatewaySocket
-        # Association PDUs (A-ASSOCIATE-RQ with user identity) may exceed a small max PDU.
-        sock.gateway_limit = max(max_pdu, 65536) + 1024
+        sock.gateway_limit = pdu_limit(max_pdu)
         sock.gateway_peer = peer
         sock.gateway_tls = isinstance(sock.socket, ssl.SSLSocket)
         assoc.dul._run_loop_delay = 0  # the socket wait above paces the DUL loop
@@ -323,11 +323,6 @@ class SharedContexts(list):
     def __deepcopy__(self, memo) -> list:
         return list(self)
 
-
-#: A command set is a few hundred bytes; C-ECHO has no data set and C-STORE data sets are
-#: spooled to disk. More than this held in memory for one message is a hostile peer.
-MAX_COMMAND_BYTES = 64 * 1024
-MAX_IN_MEMORY_DATASET_BYTES = 1024 * 1024
 
 
 def _bound_message_buffers(assoc, peer: Callable[[], str]) -> None:

@@ -97,14 +97,15 @@ class ConnectionGuard:
 
     # ------------------------------------------------------------------ wiring
 
-    def install(self, server) -> None:
-        """Hook ``server`` (a pynetdicom AssociationServer, plain or TLS) before it serves."""
+    def install(self, server, adopt: Callable[[Any], Any] | None = None) -> None:
+        """Hook ``server`` (a pynetdicom AssociationServer, plain or TLS) before it serves;
+        ``adopt`` may replace each accepted socket (``dimse.meter`` in public-API mode)."""
         accept = server.get_request  # the TLS listener's defers its handshake (dimse.tls)
 
         def get_request():
             sock, address = accept()
             sock.settimeout(self.timeout)
-            return sock, address
+            return (adopt(sock) if adopt is not None else sock), address
 
         server.get_request = get_request
         server.verify_request = self.admit

@@ -14,6 +14,7 @@ process-wide at start; ``dimse.fastpath`` says what each tuning replaces and why
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import threading
@@ -36,10 +37,11 @@ from gateway.dimse import peers, tls
 from gateway.errors import GatewayError
 from gateway.logsafe import wire
 from gateway.metrics import Metrics
-from gateway.dimse.netutil import raw_socket, set_nodelay
+from gateway.dimse.netutil import raw_socket, set_nodelay, wake_unrequested
 from gateway.dimse.guard import ConnectionGuard
+from gateway.dimse.meter import metered
 from gateway.dimse.refusals import RefusalTrail
-from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool
+from gateway.dimse.spool import FREE_SPACE_CHECK_EVERY, Spooler, clean_spool, remove_pynetdicom_files
 from gateway.storage.files import free_bytes
 from gateway.routing.router import Router
 from gateway.storage.header import UNCOMPRESSED
@@ -97,8 +99,10 @@ class _Counter:
     """Public-API mode: the bytes of the data set being received, counted as its PDUs arrive."""
 
     size: int = 0
-    next_check: int = FREE_SPACE_CHECK_EVERY
+    next_check: int = 0  # free space is checked when size reaches this (at the first fragment)
     problem: str | None = None
+    started: float | None = None  # wall clock at its command set's end (pynetdicom opens its file after)
+    complete: bool = False  # its last fragment arrived
 
 
 @dataclass
@@ -129,6 +133,12 @@ class Associations:
         state = self.get(assoc)
         return state.spooler if state is not None else None
 
+    def oldest_transfer(self) -> float | None:
+        """When the oldest data set still in transit (or being stored) started."""
+        with self._lock:
+            states = list(self._states.values())
+        return min((s.counter.started for s in states if s.counter.started is not None), default=None)
+
     def pop_tally(self, assoc) -> audit_trail.Tally | None:
         """The association's tally, once (the audit message is written at most once)."""
         with self._lock:
@@ -149,14 +159,58 @@ def _on_conn_open(event, limits: Limits, registry: Associations) -> None:
         tune_acceptor(assoc, limits.max_pdu, lambda: _peer(assoc))
     else:
         registry.open(assoc, state)
+        sock = raw_socket(assoc)
+        if hasattr(sock, "gateway_on_end"):  # dimse.meter's socket
+            sock.gateway_on_end = lambda: _on_read_end(assoc, limits, registry)
+        _catch_write_errors(assoc, registry)
+
+
+def _on_read_end(assoc, limits: Limits, registry: Associations) -> None:
+    """Public-API mode: nothing more will arrive on this connection (end of file, a stall, a refusal).
+
+    A thread still waiting for an A-ASSOCIATE-RQ is woken (it would hold a slot until the ACSE
+    timeout), and pynetdicom's files of data sets that will never end are removed: every such
+    file is older than the oldest data set still in transit.
+    """
+    wake_unrequested(assoc)
+    state = registry.get(assoc)
+    if state is not None and not state.counter.complete:
+        state.counter.started = None  # its data set will never end
+    oldest = registry.oldest_transfer()
+    remove_pynetdicom_files(limits.spool_dir, None if oldest is None else oldest - _MTIME_SLACK)
+
+
+#: File times lag the wall clock by up to a kernel tick; a file this much older is surely older.
+_MTIME_SLACK = 1.0
+
+
+def _catch_write_errors(assoc, registry: Associations) -> None:
+    """Public-API mode: pynetdicom creates and writes its file in the DUL thread; an OSError there
+    (no spool folder, no space) would end that thread with a traceback and leave the peer
+    waiting. Caught here, it becomes the data set's problem: 0xA700 when the data set ends."""
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def receive_primitive(primitive) -> None:
+        try:
+            receive(primitive)
+        except OSError as exc:
+            state = registry.get(assoc)
+            if state is not None and state.counter.problem is None:
+                state.counter.problem = ("the disk is full" if exc.errno == errno.ENOSPC
+                                         else f"cannot create a spool file: {exc.strerror or exc}")
+
+    dimse.receive_primitive = receive_primitive
 
 
 def _on_pdu_recv(event, limits: Limits, registry: Associations) -> None:
     """Public-API mode: count each C-STORE data set's bytes where they arrive (EVT_PDU_RECV).
 
-    pynetdicom writes them to its temporary file itself; an instance over
-    ``storage.max_instance_bytes``, or free space falling below ``storage.min_free_bytes``,
-    is answered 0xA700 when it ends, and its file removed.
+    pynetdicom writes them to its temporary file once this handler returns. An instance over
+    ``storage.max_instance_bytes``, free space below ``storage.min_free_bytes``, or a disk
+    that cannot hold the next fragment, is answered 0xA700 when the data set ends, and its
+    file removed; from the moment the problem is seen, the data set's fragments are emptied
+    here, so the file stops growing and pynetdicom never writes into a full disk.
     """
     items = getattr(event.pdu, "presentation_data_value_items", None)
     state = registry.get(event.assoc)
@@ -170,18 +224,35 @@ def _on_pdu_recv(event, limits: Limits, registry: Associations) -> None:
         control = data[0]
         if control & 0x01:  # a command fragment: its last one starts a new message
             if control & 0x02:
-                state.counter = counter = _Counter()
+                state.counter = counter = _Counter(started=time.time())
             continue
+        counter.complete = bool(control & 0x02)
         counter.size += len(data) - 1
-        if counter.problem is not None:
-            continue
-        if counter.size > limits.max_instance_bytes:
-            counter.problem = (f"instance is larger than storage.max_instance_bytes "
-                               f"({limits.max_instance_bytes} bytes)")
-        elif limits.min_free_bytes and counter.size >= counter.next_check:
-            counter.next_check += FREE_SPACE_CHECK_EVERY
-            if free_bytes(limits.spool_dir) < limits.min_free_bytes:
-                counter.problem = "free disk space fell below storage.min_free_bytes"
+        if counter.problem is None:
+            counter.problem = _over_limits(counter, len(data) - 1, limits)
+        if counter.problem is not None and len(data) > 1:
+            item.presentation_data_value = data[:1]  # the control header only: nothing to write
+
+
+#: Public-API mode: a data set's fragment is refused unless the disk keeps this much free after it.
+DISK_MARGIN = 1024 * 1024
+
+
+def _over_limits(counter: _Counter, fragment: int, limits: Limits) -> str | None:
+    """Why the data set being received must be refused, or None (free space checked more often
+    the closer the disk is to its limit, at least every FREE_SPACE_CHECK_EVERY bytes)."""
+    if counter.size > limits.max_instance_bytes:
+        return f"instance is larger than storage.max_instance_bytes ({limits.max_instance_bytes} bytes)"
+    if counter.size < counter.next_check:
+        return None
+    free = free_bytes(limits.spool_dir)
+    headroom = free - fragment - max(limits.min_free_bytes, DISK_MARGIN)
+    counter.next_check = counter.size + max(0, min(FREE_SPACE_CHECK_EVERY, headroom // 8))
+    if limits.min_free_bytes and free - fragment < limits.min_free_bytes:
+        return "free disk space fell below storage.min_free_bytes"
+    if free - fragment < DISK_MARGIN:
+        return "the disk is full"
+    return None
 
 
 def _on_conn_close(event, audit, registry: Associations) -> None:
@@ -286,8 +357,11 @@ def _on_rejected(event, config: Config, audit, metrics: Metrics) -> None:
                  participants=_audit_parties(event.assoc, called, calling))
 
 
-def _on_echo(event) -> int:
+def _on_echo(event, registry: Associations) -> int:
     log.info("C-ECHO from %s", _peer(event.assoc))
+    state = registry.get(event.assoc)
+    if state is not None:
+        state.counter = _Counter()  # no data set in transit
     return 0x0000
 
 
@@ -315,15 +389,17 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
     req = event.request
     calling = str(assoc.requestor.ae_title).strip()
     req_sop = str(req.AffectedSOPInstanceUID or "")
-    path = Path(event.dataset_path)
+    path = Path(event.dataset_path) if event.dataset_path else None  # None: pynetdicom made no file
     state = registry.get(assoc) or AssociationState()
     spool = state.spooler.take(path) if state.spooler is not None else None
-    head, problem = None, state.counter.problem
+    counter = state.counter
+    head, problem = None, counter.problem
     if spool is not None:
         spool.finish()
         head, problem = spool.head, spool.problem
     if problem:
-        discard(path)
+        if path is not None:
+            discard(path)
         result = Result(Outcome.NO_SPACE, problem)
     else:
         # The called AE title the peer asked for (routing rules match it), not our own title:
@@ -352,6 +428,8 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
             "refused SOP %s from AE %s with 0x%04X: %s",
             wire(req_sop, 70), wire(calling, 16), STATUS[result.outcome], wire(result.reason, 300),
         )
+    if state.counter is counter:
+        state.counter = _Counter()  # its file is placed or gone: no data set in transit
     metrics.cstore_status(STATUS[result.outcome])
     return _status(result)
 
@@ -451,8 +529,9 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
     # holds threads still winding down after the guard closed their connection.
     ae.maximum_associations = 2 * node.max_associations
     if not fast:
-        # Without the fast path's socket, a bare connect (a health check, a port probe) keeps
-        # its pynetdicom thread until node.acse_timeout_seconds: those must not make pynetdicom
+        # A bare connect (a health check, a port probe) gives its pynetdicom thread back when
+        # dimse.meter's socket reads its end; until then (or a connection pynetdicom never read
+        # from) it may hold it up to node.acse_timeout_seconds: those must not make pynetdicom
         # refuse real peers. dimse.guard still caps open connections at node.max_associations.
         ae.maximum_associations += PUBLIC_API_LINGERING_THREADS
     ae.maximum_pdu_size = node.max_pdu_size
@@ -477,7 +556,7 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
         (evt.EVT_RELEASED, _audit_received, [audit, registry]),
         (evt.EVT_ABORTED, _audit_received, [audit, registry]),
         (evt.EVT_REJECTED, _on_rejected, [config, audit, metrics]),
-        (evt.EVT_C_ECHO, _on_echo),
+        (evt.EVT_C_ECHO, _on_echo, [registry]),
         (evt.EVT_C_STORE, _on_store, [store, on_queued, registry, metrics]),
     ]
     if not fast:
@@ -510,6 +589,7 @@ def start_server(config: Config, on_queued: Callable[[Iterable[str]], None],
     # timeout on every accepted socket (dimse.guard).
     guard = ConnectionGuard(node.max_associations, node.network_timeout_seconds,
                             refusals=RefusalTrail(audit, node.ae_title))
+    adopt = None if fast else (lambda sock: metered(sock, node.max_pdu_size))
     for server in servers:
-        guard.install(server)
+        guard.install(server, adopt)
     return ReceiveServer(ae, servers, store, config, tls_server, guard)

@@ -21,6 +21,7 @@ from gateway.storage.header import HEAD_BYTES
 FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 _SPOOL_BUFFER = 1024 * 1024
 _PREFIX = "rx-"  # every spool file's name starts so; what clean_spool removes
+_PYNETDICOM_FILES = "tmp*.dcm"  # public-API mode: pynetdicom's NamedTemporaryFile(suffix=".dcm")
 
 
 class _FdSink:
@@ -169,6 +170,17 @@ class Spooler:
                 pass
 
 
+def remove_pynetdicom_files(folder: Path, before: float | None) -> None:
+    """Public-API mode: remove pynetdicom's ``tmp*.dcm`` files last written before ``before``
+    (wall clock; None: all), those of data sets that will never end."""
+    for leftover in folder.glob(_PYNETDICOM_FILES):
+        try:
+            if before is None or leftover.stat().st_mtime < before:
+                leftover.unlink()
+        except OSError:
+            pass  # gone already (placed by its ingest or removed by another sweep)
+
+
 def clean_spool(folder: Path) -> None:
     """Files in transit left by a crash are incomplete and were never acknowledged: remove them.
 
@@ -176,7 +188,7 @@ def clean_spool(folder: Path) -> None:
     """
     from gateway.storage.store import TEMP_PREFIX
 
-    for pattern in (f"{_PREFIX}*.dcm*", f"{TEMP_PREFIX}*.dcm", "tmp*.dcm"):
+    for pattern in (f"{_PREFIX}*.dcm*", f"{TEMP_PREFIX}*.dcm", _PYNETDICOM_FILES):
         for leftover in folder.glob(pattern):
             try:
                 leftover.unlink()

@@ -86,35 +86,44 @@ def test_received_and_sent_instances_reach_orthanc_unchanged(dcmtk, orthanc, ct_
 
 
 def test_orthanc_down_for_30_seconds_costs_a_delay_not_an_image(orthanc, ct_series, gateway_factory):
-    gw = gateway_factory(
+    # Both fast-path modes at once (one gateway each, the same 30 s outage): twice the cover, once the wait.
+    gws = {fast: gateway_factory(
+        performance=performance(fast),
         destinations={"pacs": dest_cfg(orthanc.aet, orthanc.dicom_port)},
         retry={"max_attempts": 100, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 4},
-    )
+    ) for fast in (True, False)}
     orthanc.stop()
     stopped_at = time.monotonic()
-    paths = ct_series(50, **SMALL)
-    send(gw, "pacs", paths[0].parent)
+    paths = {fast: ct_series(50, **SMALL, seed=10 + fast) for fast in gws}
+    for fast, gw in gws.items():
+        send(gw, "pacs", paths[fast][0].parent)
 
-    def backing_off():
+    def backing_off(gw):
         d = status_json(gw)["destinations"]["pacs"]
         return d if d["pending"] == 50 and d["last_error"] and d["next_attempt_in_seconds"] is not None else None
 
-    shown = wait_until(backing_off, 30, 0.5, "status to show the backoff")
-    assert "cannot connect" in shown["last_error"]
-    assert shown["failed"] == 0 and shown["sent"] == 0
+    for gw in gws.values():
+        shown = wait_until(lambda: backing_off(gw), 30, 0.5, "status to show the backoff")
+        assert "cannot connect" in shown["last_error"]
+        assert shown["failed"] == 0 and shown["sent"] == 0
     time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
-    counts = queue_counts(gw, "pacs")
-    assert counts["failed"] == 0 and counts["sent"] == 0
+    for gw in gws.values():
+        counts = queue_counts(gw, "pacs")
+        assert counts["failed"] == 0 and counts["sent"] == 0
     orthanc.start()
-    wait_until(lambda: queue_counts(gw, "pacs")["sent"] == 50, 60, 0.2, "all 50 sent after the restart")
-    assert queue_counts(gw, "pacs")["failed"] == 0
-    assert int(orthanc.get("/statistics")["CountInstances"]) == 50
-    assert_in_orthanc_unchanged(orthanc, paths[:3])
+    for gw in gws.values():
+        wait_until(lambda: queue_counts(gw, "pacs")["sent"] == 50, 60, 0.2, "all 50 sent after the restart")
+        assert queue_counts(gw, "pacs")["failed"] == 0
+    assert int(orthanc.get("/statistics")["CountInstances"]) == 100
+    for fast in gws:
+        assert_in_orthanc_unchanged(orthanc, paths[fast][:3])
 
 
-def test_gateway_killed_during_a_batch_sends_everything_after_restart(orthanc, ct_series, gateway_factory):
+def test_gateway_killed_during_a_batch_sends_everything_after_restart(orthanc, ct_series, gateway_factory,
+                                                                     fast_path):
     gw = gateway_factory(
         destinations={"pacs": dest_cfg(orthanc.aet, orthanc.dicom_port)}, start=False,
+        performance=performance(fast_path),
     )
     paths = ct_series(200, rows=128, columns=128)
     send(gw, "pacs", paths[0].parent)  # queued before the gateway runs: one batch of 200
@@ -130,9 +139,10 @@ def test_gateway_killed_during_a_batch_sends_everything_after_restart(orthanc, c
     assert int(orthanc.get("/statistics")["CountInstances"]) == 200
 
 
-def test_sigterm_mid_batch_leaves_nothing_sending(ct_series, storescp, gateway_factory):
+def test_sigterm_mid_batch_leaves_nothing_sending(ct_series, storescp, gateway_factory, fast_path):
     port, out, _proc = storescp()
-    gw = gateway_factory(destinations={"scp": dest_cfg("STORESCP", port)}, start=False)
+    gw = gateway_factory(destinations={"scp": dest_cfg("STORESCP", port)}, start=False,
+                         performance=performance(fast_path))
     paths = ct_series(300, rows=128, columns=128)
     send(gw, "scp", paths[0].parent)
     gw.start()
@@ -143,9 +153,10 @@ def test_sigterm_mid_batch_leaves_nothing_sending(ct_series, storescp, gateway_f
     assert counts["sent"] + counts["pending"] == 300 and counts["failed"] == 0
 
 
-def test_closed_port_fails_after_max_attempts_then_retry_sends(ct_series, storescp, gateway_factory):
+def test_closed_port_fails_after_max_attempts_then_retry_sends(ct_series, storescp, gateway_factory, fast_path):
     port = free_port()  # nothing listens here yet
     gw = gateway_factory(
+        performance=performance(fast_path),
         destinations={"scp": dest_cfg("STORESCP", port)},
         retry={"max_attempts": 3, "initial_backoff_seconds": 0.2, "max_backoff_seconds": 0.5},
     )
@@ -164,7 +175,7 @@ def test_closed_port_fails_after_max_attempts_then_retry_sends(ct_series, stores
     assert received == {pydicom.dcmread(p).SOPInstanceUID for p in paths}
 
 
-def test_a_hung_destination_does_not_hold_up_a_live_one(ct_series, storescp, gateway_factory):
+def test_a_hung_destination_does_not_hold_up_a_live_one(ct_series, storescp, gateway_factory, fast_path):
     # The dead PACS accepts TCP connections and never answers: every attempt waits for the
     # ACSE timeout, the worst case for a sender that would block the others.
     hung = socket.socket()
@@ -173,6 +184,7 @@ def test_a_hung_destination_does_not_hold_up_a_live_one(ct_series, storescp, gat
     try:
         port, out, _proc = storescp()
         gw = gateway_factory(
+            performance=performance(fast_path),
             destinations={"live": dest_cfg("STORESCP", port), "dead": dest_cfg("DEAD", hung.getsockname()[1])},
             forward={"poll_interval_seconds": 0.2, "acse_timeout_seconds": 5},
             retry={"max_attempts": 100, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 2},

@@ -19,6 +19,7 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from tests.conftest import free_port, wait_until
+from tests.integration.modes import fast_path, performance  # noqa: F401 (fixture)
 
 
 def var(gw) -> Path:
@@ -103,10 +104,10 @@ def test_run_reconciles_the_store_before_listening(dcmtk, gateway_factory, ct_se
 # --------------------------------------------------------------------------- data at rest
 
 
-def test_everything_written_is_private_whatever_the_umask(dcmtk, gateway_factory, ct_series):
+def test_everything_written_is_private_whatever_the_umask(dcmtk, gateway_factory, ct_series, fast_path):
     old = os.umask(0o022)
     try:
-        gw = gateway_factory()
+        gw = gateway_factory(performance=performance(fast_path))
     finally:
         os.umask(old)
     files = ct_series(3, 64, 64)

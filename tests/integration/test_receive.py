@@ -133,8 +133,8 @@ def test_compressed_instances_are_stored_as_received(dcmtk, gateway_factory, fas
         assert stored.PixelData == sent.PixelData
 
 
-def test_same_sop_instance_again_replaces_and_keeps_one_row(dcmtk, gateway_factory, ct_series):
-    gw = gateway_factory()
+def test_same_sop_instance_again_replaces_and_keeps_one_row(dcmtk, gateway_factory, ct_series, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     first = ct_series(1, 64, 64)[0]
     store_ok(dcmtk, gw, first)
     changed = pydicom.dcmread(first)
@@ -166,9 +166,10 @@ def test_four_parallel_storescu_all_stored_and_indexed(dcmtk, gateway_factory, c
         assert_stored_as_sent(gw, files, calling=f"SCU{k}")
 
 
-def test_routes_received_queue_each_instance_in_the_same_step(dcmtk, gateway_factory, ct_series):
+def test_routes_received_queue_each_instance_in_the_same_step(dcmtk, gateway_factory, ct_series, fast_path):
     # The destination is never started: the items just wait, visibly, in the queue.
     gw = gateway_factory(
+        performance=performance(fast_path),
         destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 9}},
         routes={"received": ["pacs"], "results": []},
         retry={"max_attempts": 100, "initial_backoff_seconds": 600, "max_backoff_seconds": 600},
@@ -187,8 +188,8 @@ def test_routes_received_queue_each_instance_in_the_same_step(dcmtk, gateway_fac
 # --------------------------------------------------------------------------- AE titles
 
 
-def test_unknown_calling_ae_is_rejected_with_a_reason(dcmtk, gateway_factory):
-    gw = gateway_factory(security={"allowed_calling_aets": ["GOODSCU"]})
+def test_unknown_calling_ae_is_rejected_with_a_reason(dcmtk, gateway_factory, fast_path):
+    gw = gateway_factory(security={"allowed_calling_aets": ["GOODSCU"]}, performance=performance(fast_path))
     refused = dcmtk.echoscu(gw.port, gw.ae_title, calling="BADSCU")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
@@ -197,14 +198,14 @@ def test_unknown_calling_ae_is_rejected_with_a_reason(dcmtk, gateway_factory):
                10, what="the rejection log line")
 
 
-def test_wrong_called_ae_is_rejected_unless_relaxed(dcmtk, gateway_factory):
-    gw = gateway_factory()
+def test_wrong_called_ae_is_rejected_unless_relaxed(dcmtk, gateway_factory, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     refused = dcmtk.echoscu(gw.port, "SOMEONE-ELSE")
     assert refused.returncode != 0
     assert "Called AE Title Not Recognized" in refused.stdout + refused.stderr
     wait_until(lambda: "called AE title 'SOMEONE-ELSE' is not ours" in gw.log(), 10, what="log line")
 
-    relaxed = gateway_factory(node={"require_called_ae_title": False})
+    relaxed = gateway_factory(node={"require_called_ae_title": False}, performance=performance(fast_path))
     assert dcmtk.echoscu(relaxed.port, "SOMEONE-ELSE").returncode == 0
 
 
@@ -226,9 +227,9 @@ def hold_association(gw, timeout: float = 1.0):
     return wait_until(associate, timeout, 0.2, "an association")
 
 
-def test_max_associations_rejects_the_extra_one(dcmtk, gateway_factory):
+def test_max_associations_rejects_the_extra_one(dcmtk, gateway_factory, fast_path):
     # The fixture's readiness probes (bare TCP connects) must not hold the only slot.
-    gw = gateway_factory(node={"max_associations": 1})
+    gw = gateway_factory(node={"max_associations": 1}, performance=performance(fast_path))
     holder = hold_association(gw, timeout=3)
     try:
         refused = dcmtk.echoscu(gw.port, gw.ae_title)
@@ -240,8 +241,8 @@ def test_max_associations_rejects_the_extra_one(dcmtk, gateway_factory):
     wait_until(lambda: dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0, 10, 0.2, "a free slot")
 
 
-def test_idle_association_is_closed_after_the_network_timeout(gateway_factory):
-    gw = gateway_factory(node={"network_timeout_seconds": 1})
+def test_idle_association_is_closed_after_the_network_timeout(gateway_factory, fast_path):
+    gw = gateway_factory(node={"network_timeout_seconds": 1}, performance=performance(fast_path))
     holder = hold_association(gw)
     try:
         wait_until(lambda: not holder.is_established, 15, 0.1, "the gateway to drop the idle association")
@@ -253,37 +254,38 @@ def test_idle_association_is_closed_after_the_network_timeout(gateway_factory):
 # --------------------------------------------------------------------------- hostile input
 
 
-@pytest.mark.parametrize("bad_uid", ["../../evil", "1.2.3/../../x", "1.2." + "3" * 62])
-def test_hostile_sop_instance_uid_is_refused_and_nothing_escapes(dcmtk, gateway_factory, tmp_path, bad_uid,
-                                                                monkeypatch):
+def test_hostile_sop_instance_uid_is_refused_and_nothing_escapes(dcmtk, gateway_factory, tmp_path, monkeypatch,
+                                                                fast_path):
     # An in-process service.run (unit tests) leaves pydicom's validation at IGNORE: warn here.
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.WARN)
-    gw = gateway_factory()
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.SOPInstanceUID = bad_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
-    evil = tmp_path / "sent" / "evil.dcm"
-    evil.parent.mkdir()
-    with pytest.warns(UserWarning):  # pydicom rightly complains while we build the bad file
-        ds.save_as(evil, enforce_file_format=True)
+    gw = gateway_factory(performance=performance(fast_path))
+    sent = tmp_path / "sent"
+    sent.mkdir()
     outside = lambda: {p for p in everything_under(tmp_path) if gw.config_path.parent not in p.parents}
-    before = outside()
+    for k, bad_uid in enumerate(["../../evil", "1.2.3/../../x", "1.2." + "3" * 62]):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = bad_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
+        evil = sent / f"evil{k}.dcm"
+        with pytest.warns(UserWarning):  # pydicom rightly complains while we build the bad file
+            ds.save_as(evil, enforce_file_format=True)
+        before = outside()
 
-    statuses = store_statuses(dcmtk, gw, evil)
-    assert statuses == ["Error: CannotUnderstand"]
-    assert rows(gw) == {} and stored_files(gw) == []
-    assert not list((var(gw) / "tmp").iterdir())
-    assert outside() == before
-    assert not any("evil" in p.name or p.name.startswith("x") for p in everything_under(tmp_path)
-                   if p != evil)
-    assert "refused SOP" in gw.log() and "0xC000" in gw.log()
+        statuses = store_statuses(dcmtk, gw, evil)
+        assert statuses == ["Error: CannotUnderstand"], bad_uid
+        assert rows(gw) == {} and stored_files(gw) == []
+        assert not list((var(gw) / "tmp").iterdir())
+        assert outside() == before
+        assert not any("evil" in p.name or p.name.startswith("x") for p in everything_under(tmp_path)
+                       if p.parent != sent)
+    assert gw.log().count("refused SOP") == 3 and "0xC000" in gw.log()
     assert "pydicom" not in gw.log() and "Traceback" not in gw.log()  # our one line, no library noise
     assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
 
 
-def test_absurd_pdu_length_closes_that_connection_only(dcmtk, gateway_factory):
-    gw = gateway_factory(node={"max_pdu_size": 65536})
+def test_absurd_pdu_length_closes_that_connection_only(dcmtk, gateway_factory, fast_path):
+    gw = gateway_factory(node={"max_pdu_size": 65536}, performance=performance(fast_path))
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\0" * 1024)
         s.settimeout(10)
@@ -301,8 +303,8 @@ def test_absurd_pdu_length_closes_that_connection_only(dcmtk, gateway_factory):
 # --------------------------------------------------------------------------- durability
 
 
-def test_kill_9_after_success_loses_nothing(dcmtk, gateway_factory, ct_series):
-    gw = gateway_factory()
+def test_kill_9_after_success_loses_nothing(dcmtk, gateway_factory, ct_series, fast_path):
+    gw = gateway_factory(performance=performance(fast_path))
     files = ct_series(30, 128, 128)
     store_ok(dcmtk, gw, *files)
     gw.kill()  # SIGKILL right after storescu reported success for the whole batch
@@ -429,8 +431,9 @@ def tiny_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
 
 
-def test_disk_full_is_out_of_resources_then_recovers(dcmtk, gateway_factory, ct_series, tiny_filesystem):
-    gw = gateway_factory(folder=tiny_filesystem / "gw", storage={"min_free_bytes": 0})
+def test_disk_full_is_out_of_resources_then_recovers(dcmtk, gateway_factory, ct_series, tiny_filesystem, fast_path):
+    gw = gateway_factory(folder=tiny_filesystem / "gw", storage={"min_free_bytes": 0},
+                         performance=performance(fast_path))
     try:
         files = ct_series(2, 512, 512)  # ~525 kB each
         store_ok(dcmtk, gw, files[0])
@@ -454,7 +457,7 @@ def test_disk_full_is_out_of_resources_then_recovers(dcmtk, gateway_factory, ct_
         gw.stop()
 
 
-def test_endless_command_fragments_abort_that_association_only(dcmtk, gateway_factory):
+def test_endless_command_fragments_abort_that_association_only(dcmtk, gateway_factory, fast_path):
     """A peer that never ends a message cannot make the gateway buffer it without limit."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
@@ -462,7 +465,7 @@ def test_endless_command_fragments_abort_that_association_only(dcmtk, gateway_fa
     from gateway.dimse.codec import PDATA_HEAD
     from gateway.dimse.fastpath import take_socket
 
-    gw = gateway_factory()
+    gw = gateway_factory(performance=performance(fast_path))
     ae = AE(ae_title="HOSTILE")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
