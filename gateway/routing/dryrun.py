@@ -11,11 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from gateway.config import Config
+from gateway.errors import UnreadableHeader
 from gateway.routing.rules import Facts, check, decide, element_text
+from gateway.storage.header import read_header
 from gateway.storage.sendfiles import files_under
 
 
@@ -33,8 +32,8 @@ def explain(config: Config, paths: Iterable[Path], calling_ae: str | None, calle
     rules = config.routes.rules
     for path in files_under(paths, report.problems):
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+            header = read_header(path).dataset
+        except (UnreadableHeader, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
             report.problems.append(f"{path}: skipped, not a readable DICOM file ({exc})")
             continue
         report.files += 1

@@ -28,13 +28,13 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import pydicom
 import yaml
-from pydicom.errors import InvalidDicomError
 
 from gateway.config import Config
+from gateway.errors import UnreadableHeader
 from gateway.storage import db, index, series
 from gateway.storage.files import fsync_dir
+from gateway.storage.header import read_header
 from gateway.storage.queue import backoff_seconds
 from gateway.storage.uids import check_uid
 from gateway.routing.triggers import SeriesState, manifest
@@ -275,8 +275,8 @@ class SeriesTriggers:
         for row in rows:
             path = index.absolute_path(data_dir, row)
             try:
-                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-            except (OSError, InvalidDicomError) as exc:
+                headers.append(read_header(path).dataset)
+            except (OSError, UnreadableHeader) as exc:
                 raise ExportError(f"stored instance {row['sop_instance_uid']} cannot be read ({exc})") from None
             files.append((path, f"{check_uid(row['sop_instance_uid'], 'SOP Instance UID')}.dcm"))
         callers = [r["calling_ae"] for r in rows if r["calling_ae"]]
