@@ -247,6 +247,18 @@ class SeriesCompleteConfig(_Model):
     stable_seconds: Annotated[float, AfterValidator(_between(0.01, 86400))] = 30.0
 
 
+def _names_used_twice(items: list, where: str, what: str) -> list[str]:
+    """One problem per item of a config list whose ``name`` an earlier item already has."""
+    problems, seen = [], set()
+    for i, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"{where}[{i}].name: another {what} has this name, got {show(name)}")
+            seen.add(name)
+    return problems
+
+
 def raw_problems(raw: dict) -> list[str]:
     """Mistakes across sections: rules naming unknown destinations, names used twice."""
     problems: list[str] = []
@@ -255,15 +267,10 @@ def raw_problems(raw: dict) -> list[str]:
     known = ", ".join(sorted(map(str, dests))) if isinstance(dests, dict) else ""
     rules = routes.get("rules") if isinstance(routes, dict) else None
     if isinstance(rules, list):
-        seen: set[str] = set()
+        problems += _names_used_twice(rules, "routes.rules", "rule")
         for i, rule in enumerate(rules):
             if not isinstance(rule, dict):
                 continue
-            name = rule.get("name")
-            if isinstance(name, str):
-                if name in seen:
-                    problems.append(f"routes.rules[{i}].name: another rule has this name, got {show(name)}")
-                seen.add(name)
             names = rule.get("destinations")
             if isinstance(names, list) and isinstance(dests, dict):
                 for j, dest in enumerate(names):
@@ -274,16 +281,12 @@ def raw_problems(raw: dict) -> list[str]:
                         )
     triggers = raw.get("triggers")
     if isinstance(triggers, list):
-        seen = set()
+        problems += _names_used_twice(triggers, "triggers", "trigger")
         folders: dict[str, str] = {}
         for i, trigger in enumerate(triggers):
             if not isinstance(trigger, dict):
                 continue
             name = trigger.get("name")
-            if isinstance(name, str):
-                if name in seen:
-                    problems.append(f"triggers[{i}].name: another trigger has this name, got {show(name)}")
-                seen.add(name)
             folder = trigger.get("export_dir")
             if isinstance(folder, str):
                 key = os.path.normpath(os.path.expanduser(folder))

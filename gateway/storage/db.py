@@ -10,7 +10,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 #: The schema the first release created (user_version 1); later changes are MIGRATIONS.
 SCHEMA_VERSION = 1
@@ -266,3 +266,14 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def counts_by_state(conn: sqlite3.Connection, table: str, key: str, value, states: Iterable[str]) -> dict[str, int]:
+    """Rows of ``table`` whose ``key`` is ``value``, per ``state`` (every one of ``states``, 0 when none).
+
+    ``table`` and ``key`` are this package's own names, never input.
+    """
+    counts = dict.fromkeys(states, 0)
+    for row in conn.execute(f"SELECT state, COUNT(*) AS n FROM {table} WHERE {key} = ? GROUP BY state", (value,)):
+        counts[row["state"]] = row["n"]
+    return counts

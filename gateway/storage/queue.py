@@ -12,6 +12,8 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gateway.storage import db
+
 
 class State(str, enum.Enum):
     PENDING = "pending"  # waiting for its next attempt (at next_attempt_at)
@@ -210,11 +212,7 @@ def destination_status(conn: sqlite3.Connection, destinations: Iterable[str], no
         if r["destination"] not in names
     ]
     for name in names:
-        counts = {state.value: 0 for state in State}
-        for row in conn.execute(
-            "SELECT state, COUNT(*) AS n FROM queue WHERE destination = ? GROUP BY state", (name,)
-        ):
-            counts[row["state"]] = row["n"]
+        counts = db.counts_by_state(conn, "queue", "destination", name, (state.value for state in State))
         oldest = conn.execute(
             "SELECT MIN(enqueued_at) AS t FROM queue WHERE destination = ? "
             "AND state IN ('pending', 'sending')",

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gateway.storage import db
 from gateway.routing.triggers import SeriesState, WebhookState, after_export, on_arrival
 
 
@@ -229,16 +230,8 @@ def trigger_status(conn: sqlite3.Connection | None, names: Iterable[str], now: f
 def _trigger_status(conn: sqlite3.Connection, names: list[str], now: float) -> dict[str, dict]:
     result = {}
     for name in names:
-        counts = {s.value: 0 for s in SeriesState}
-        for row in conn.execute(
-            "SELECT state, COUNT(*) AS n FROM series_triggers WHERE trigger = ? GROUP BY state", (name,)
-        ):
-            counts[row["state"]] = row["n"]
-        hooks = {s.value: 0 for s in WebhookState}
-        for row in conn.execute(
-            "SELECT state, COUNT(*) AS n FROM webhooks WHERE trigger = ? GROUP BY state", (name,)
-        ):
-            hooks[row["state"]] = row["n"]
+        counts = db.counts_by_state(conn, "series_triggers", "trigger", name, (s.value for s in SeriesState))
+        hooks = db.counts_by_state(conn, "webhooks", "trigger", name, (s.value for s in WebhookState))
         export_error = conn.execute(
             "SELECT series_uid, last_error FROM series_triggers WHERE trigger = ? AND last_error IS NOT NULL "
             "ORDER BY last_arrival_at DESC LIMIT 1",

@@ -199,26 +199,24 @@ def retry_item(item_id: int = Path(ge=1, le=2**62), deps: Deps = Depends(get_dep
              summary="Put every failed item of one destination back to pending")
 def retry_destination(name: str = Path(max_length=64), deps: Deps = Depends(get_deps)) -> dict:
     _destination(deps, name)
+    return _retry_failed(deps, name)
+
+
+@router.post("/retry", response_model=RetryResult, dependencies=admin,
+             summary="Put every failed item of every destination back to pending")
+def retry_all(deps: Deps = Depends(get_deps)) -> dict:
+    return _retry_failed(deps, None)
+
+
+def _retry_failed(deps: Deps, name: str | None) -> dict:
+    """Failed items of one destination (None: of every one) back to pending, their senders woken."""
     conn = _write(deps)
     try:
         with db.transaction(conn):
             n = queue.retry_failed(conn, name, time.time())
     finally:
         conn.close()
-    _wake(deps, [name])
-    return {"retried": n}
-
-
-@router.post("/retry", response_model=RetryResult, dependencies=admin,
-             summary="Put every failed item of every destination back to pending")
-def retry_all(deps: Deps = Depends(get_deps)) -> dict:
-    conn = _write(deps)
-    try:
-        with db.transaction(conn):
-            n = queue.retry_failed(conn, None, time.time())
-    finally:
-        conn.close()
-    _wake(deps, deps.config.destinations)
+    _wake(deps, [name] if name is not None else deps.config.destinations)
     return {"retried": n}
 
 
