@@ -4,7 +4,7 @@ The instance is made sparse (header written, the pixel data a hole), so making i
 it goes over the wire as 600 MB all the same. The gateway runs as its own process; its RSS
 is sampled every 20 ms during each transfer. Bound checked: growth over the RSS before the
 transfer stays under 100 MB (the README states the per-request buffers: 64 KiB network
-chunks, 1 MiB file reads).
+chunks in; out, stored bytes go by sendfile with no buffer).
 """
 
 from __future__ import annotations
