@@ -17,7 +17,7 @@ import os
 import secrets
 from io import BytesIO
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -44,7 +44,6 @@ from gateway.web.zerocopy import EXTENSION
 
 log = logging.getLogger("gateway.wado")
 router = APIRouter(tags=["DICOMweb"])
-CHUNK = 1024 * 1024
 #: WADO-RS instance bodies go out in buffers of this size; with one read ahead, a request holds
 #: at most two of them.
 BATCH = 1024 * 1024
@@ -52,22 +51,6 @@ BATCH = 1024 * 1024
 
 def _boundary() -> str:
     return "gw" + secrets.token_hex(16)
-
-
-def _copy(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:
-    """The file's bytes from ``start`` (``length`` of them, or to the end), CHUNK at a time."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = length
-        while left is None or left > 0:
-            data = f.read(CHUNK if left is None else min(CHUNK, left))
-            if not data:
-                if left:
-                    raise OSError(f"{path.name} is shorter than its index says")
-                return
-            if left is not None:
-                left -= len(data)
-            yield data
 
 
 def relabel_head(header: StoredHeader, target: str) -> bytes:
@@ -301,24 +284,27 @@ def _one_row(deps: Deps, study: str, series: str, instance: str):
     return rows[0]
 
 
-def _octet_parts(request: Request, parts: list[tuple[str, Iterator[bytes], int | None]], media: str,
-                 transfer_syntax: str | None, multipart: bool) -> StreamingResponse:
+def _octet_parts(request: Request, parts: list[tuple[str, list, int | None]], media: str,
+                 transfer_syntax: str | None, multipart: bool) -> PiecesResponse:
+    """Frames or bulk data: ``parts`` are (Content-Location, pieces, size or None when unknown)."""
     if not multipart:
-        _, gen, size = parts[0]
-        return StreamingResponse(gen, media_type=media,
-                                 headers={"Content-Length": str(size)} if size is not None else {})
+        _, pieces, size = parts[0]
+        return PiecesResponse(pieces, {"Content-Length": str(size)} if size is not None else {}, media)
     boundary = _boundary()
     ts = f"; transfer-syntax={transfer_syntax}" if transfer_syntax else ""
-
-    def body() -> Iterator[bytes]:
-        for location, gen, size in parts:
-            yield (f"--{boundary}\r\nContent-Type: {media}{ts}\r\nContent-Location: {location}\r\n"
-                   + (f"Content-Length: {size}\r\n" if size is not None else "") + "\r\n").encode()
-            yield from gen
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
-
-    return StreamingResponse(body(), media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+    body: list = []
+    end = b""
+    for location, pieces, size in parts:
+        body.append(end + (f"--{boundary}\r\nContent-Type: {media}{ts}\r\nContent-Location: {location}\r\n"
+                           + (f"Content-Length: {size}\r\n" if size is not None else "") + "\r\n").encode())
+        body += pieces
+        end = b"\r\n"
+    body.append(end + f"--{boundary}--\r\n".encode())
+    headers = {}
+    if all(size is not None for _, _, size in parts):
+        total = sum(len(p) if isinstance(p, bytes) else p[2] for p in body)
+        headers["Content-Length"] = str(total)
+    return PiecesResponse(body, headers, f'multipart/related; type="{media}"; boundary={boundary}')
 
 
 def _wants_multipart(request: Request, media: str) -> bool:
@@ -347,7 +333,7 @@ async def bulk(study: str, series: str, instance: str, tagpath: str, request: Re
         if header.encapsulated:
             return await frames(study, series, instance, "all", request, identity, deps)
         multipart = _wants_multipart(request, "application/octet-stream")
-        return _octet_parts(request, [(location, _copy(path, header.pixel_value_offset, header.pixel_length),
+        return _octet_parts(request, [(location, [(path, header.pixel_value_offset, header.pixel_length)],
                                        header.pixel_length)], "application/octet-stream", None, multipart)
     ds = header.dataset
     try:
@@ -359,7 +345,7 @@ async def bulk(study: str, series: str, instance: str, tagpath: str, request: Re
     if not isinstance(value, (bytes, bytearray)):
         raise HTTPException(404, f"the element at {tagpath!r:.100} is not bulk data")
     multipart = _wants_multipart(request, "application/octet-stream")
-    return _octet_parts(request, [(location, iter([bytes(value)]), len(value))], "application/octet-stream",
+    return _octet_parts(request, [(location, [bytes(value)], len(value))], "application/octet-stream",
                         None, multipart)
 
 
@@ -407,19 +393,24 @@ async def frames(study: str, series: str, instance: str, framelist: str, request
         if size * count > (header.pixel_length or 0):
             raise HTTPException(500, f"instance {instance}: its pixel data is shorter than its frames")
         for n in numbers:
-            parts.append((f"{base}{n}", _copy(path, header.pixel_value_offset + (n - 1) * size, size), size))
+            parts.append((f"{base}{n}", [(path, header.pixel_value_offset + (n - 1) * size, size)], size))
     else:
         for n in numbers:
-            parts.append((f"{base}{n}", _encapsulated_frame(path, header, n - 1, count), None))
+            parts.append((f"{base}{n}", [_encapsulated_frame(path, header, n - 1, count)], None))
     return _octet_parts(request, parts, choice.media_type, choice.transfer_syntax, choice.multipart or len(parts) > 1)
 
 
-def _encapsulated_frame(path: Path, header: StoredHeader, index: int, count: int) -> Iterator[bytes]:
-    from pydicom.encaps import get_frame
+def _encapsulated_frame(path: Path, header: StoredHeader, index: int, count: int) -> Callable[[], list]:
+    """A piece that reads one compressed frame when the body is written (in a worker thread)."""
 
-    with open(path, "rb") as f:
-        f.seek(header.pixel_value_offset)
-        yield get_frame(f, index, number_of_frames=count)
+    def read() -> list:
+        from pydicom.encaps import get_frame
+
+        with open(path, "rb") as f:
+            f.seek(header.pixel_value_offset)
+            return [get_frame(f, index, number_of_frames=count)]
+
+    return read
 
 
 # --------------------------------------------------------------------------- routes
