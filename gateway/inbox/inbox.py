@@ -55,6 +55,28 @@ MAX_DERIVE_ATTEMPTS = 3
 CHECKPOINTS = ("before_load", "before_encode", "after_store", "after_commit", "before_move")
 
 
+def result_summary(conn, row, queued_for: list[str], result: derive.Derived | None = None) -> dict:
+    """What ``NAME.result.yaml`` says of a done job (its row, the index; ``result``: what the
+    derivation just reported). The HTTP job API answers the same before the file is written."""
+    inst = index.get_instance(conn, row["sop_instance_uid"])
+    summary = {
+        "job": row["name"],
+        "state": "done",
+        "sop_instance_uid": row["sop_instance_uid"],
+        "series_instance_uid": row["series_uid"],
+        "study_instance_uid": inst["study_uid"] if inst else None,
+        "sop_class_uid": inst["sop_class_uid"] if inst else None,
+        "sop_class": derive.SOP_CLASS_NAMES.get(inst["sop_class_uid"]) if inst else None,
+        "frames": result.frames if result else None,
+        "segments": result.segments if result and result.segments else None,
+        "summary": result.summary if result else None,
+        "stored_as": inst["path"] if inst else None,
+        "queued_for": queued_for,
+        "finished_at": datetime.fromtimestamp(row["finished_at"]).astimezone().isoformat(),
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 # --------------------------------------------------------------------------- the inbox
 
 
@@ -338,23 +360,7 @@ class Inbox:
     # ------------------------------------------------------------------ endings
 
     def _finish_done(self, job: JobFiles, row, result: derive.Derived | None = None) -> None:
-        inst = index.get_instance(self.conn, row["sop_instance_uid"])
-        summary = {
-            "job": job.name,
-            "state": "done",
-            "sop_instance_uid": row["sop_instance_uid"],
-            "series_instance_uid": row["series_uid"],
-            "study_instance_uid": inst["study_uid"] if inst else None,
-            "sop_class_uid": inst["sop_class_uid"] if inst else None,
-            "sop_class": derive.SOP_CLASS_NAMES.get(inst["sop_class_uid"]) if inst else None,
-            "frames": result.frames if result else None,
-            "segments": result.segments if result and result.segments else None,
-            "summary": result.summary if result else None,
-            "stored_as": inst["path"] if inst else None,
-            "queued_for": list(self.config.routes.results),
-            "finished_at": datetime.fromtimestamp(row["finished_at"]).astimezone().isoformat(),
-        }
-        summary = {k: v for k, v in summary.items() if v is not None}
+        summary = result_summary(self.conn, row, list(self.config.routes.results), result)
         text = yaml.safe_dump(summary, sort_keys=False)
         if not self._move(job, self.done_dir, result_text=text, expect=row["files"]):
             log.warning("job %s was replaced while it was being derived: the first version is done "

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gateway.errors import GatewayError
+from gateway.inbox.inbox import result_summary
 from gateway.storage import jobs as job_rows
 from gateway.storage.files import fsync_dir
 from gateway.web.app import Deps, get_deps
@@ -118,14 +119,13 @@ def state_of(deps: Deps, name: str) -> JobAnswer | None:
     inbox = deps.config.inbox.path
     with deps.reader() as conn:
         row = job_rows.get(conn, name)
-    if row is not None and row["state"] == "done":
-        result = None
-        path = inbox / "done" / f"{name}.result.yaml"
-        try:
-            result = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            result = {"sop_instance_uid": row["sop_instance_uid"], "series_instance_uid": row["series_uid"]}
-        return JobAnswer(name=name, state="done", result=result)
+        if row is not None and row["state"] == "done":
+            path = inbox / "done" / f"{name}.result.yaml"
+            try:
+                result = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):  # committed, its files not yet moved: the same summary
+                result = result_summary(conn, row, list(deps.config.routes.results))
+            return JobAnswer(name=name, state="done", result=result)
     if row is not None and row["state"] == "failed":
         return JobAnswer(name=name, state="failed", error=row["error"])
     if row is not None:
