@@ -94,8 +94,13 @@ def _kind_ok(owner, name: str, kind: str) -> bool:
 
 def missing(fast_path: bool = True) -> list[str]:
     """What the gateway needs in this mode and the installed pynetdicom lacks: 'module.name (kind)' each."""
+    return missing_from(EVERY_MODE + (FAST_PATH if fast_path else ()))
+
+
+def missing_from(entries: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """Which of ``entries`` (module, attribute path, kind) the installed packages lack, named."""
     problems = []
-    for module_name, path, kind in EVERY_MODE + (FAST_PATH if fast_path else ()):
+    for module_name, path, kind in entries:
         try:
             owner = importlib.import_module(module_name)
         except ImportError:

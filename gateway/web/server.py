@@ -17,7 +17,7 @@ import uvicorn
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.web.app import Deps, create_app
-from gateway.web.zerocopy import ZeroCopyH11Protocol
+from gateway.web.zerocopy import http_protocol
 
 log = logging.getLogger("gateway.http")
 
@@ -66,7 +66,7 @@ class HttpServer:
             h11_max_incomplete_event_size=64 * 1024,  # bounds header bytes per request
             server_header=False,
             lifespan="off",
-            http=ZeroCopyH11Protocol,  # h11 plus the zero-copy send extension (WADO-RS file bodies)
+            http=http_protocol(),  # h11 plus the zero-copy send extension (WADO-RS file bodies)
         ))
         self.deps = deps
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)

@@ -27,10 +27,34 @@ import select
 import threading
 import time
 
+import logging
+
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from gateway.dimse.fence import missing_from
+
+try:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError:  # another uvicorn layout: ``missing()`` names it and the server runs plain h11
+    H11Protocol = object
+
+log = logging.getLogger("gateway.http")
 
 EXTENSION = "gateway.response.pieces"
+#: The uvicorn and h11 internals this module relies on (module, attribute path, kind), checked
+#: at start like pynetdicom's (dimse/fence.py): when one is missing the server runs uvicorn's
+#: plain h11 protocol and WADO-RS streams buffers, with a warning naming it.
+INTERNALS: tuple[tuple[str, str, str], ...] = (
+    ("h11", "Connection.send_with_data_passthrough", "method"),
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol.handle_events", "method"),
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol.cycle", "instance attribute"),
+    ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle.send", "method"),
+    *(("uvicorn.protocols.http.h11_impl", f"RequestResponseCycle.{name}", "instance attribute")
+      for name in ("scope", "conn", "transport", "flow", "disconnected", "response_started",
+                   "response_complete")),
+    ("uvicorn.protocols.http.flow_control", "FlowControl.write_paused", "instance attribute"),
+    ("uvicorn.protocols.http.flow_control", "FlowControl.drain", "method"),
+)
 #: A client that takes no bytes for this long is given up (the connection is closed).
 STALL_SECONDS = 60.0
 
@@ -159,3 +183,14 @@ class ZeroCopyH11Protocol(H11Protocol):
         if cycle is not None and cycle is not before:
             cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
             cycle.send = _pieces_send(cycle, cycle.send)
+
+
+def http_protocol():
+    """uvicorn's ``http`` setting: ``ZeroCopyH11Protocol`` when every name in ``INTERNALS`` is
+    there, else plain ``"h11"`` (correct, slower) and one warning saying what is missing."""
+    problems = missing_from(INTERNALS)
+    if problems:
+        log.warning("WADO-RS sends stored files through buffers instead of sendfile: the installed "
+                    "uvicorn/h11 lack %s; install the versions pyproject.toml names", ", ".join(problems))
+        return "h11"
+    return ZeroCopyH11Protocol

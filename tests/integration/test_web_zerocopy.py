@@ -113,3 +113,31 @@ def test_a_client_that_goes_away_mid_body_costs_no_descriptor(server):
         time.sleep(0.05)
     assert _open_fds() <= before
     assert httpx.get(url + "/body", timeout=30).content == expected
+
+
+def test_a_missing_uvicorn_internal_falls_back_to_plain_h11_with_a_warning(tmp_path, files, monkeypatch, caplog):
+    from uvicorn.protocols.http import h11_impl
+
+    assert zerocopy.missing_from(zerocopy.INTERNALS) == []  # the pinned uvicorn has every name
+    monkeypatch.delattr(h11_impl.H11Protocol, "handle_events")  # as if uvicorn renamed it
+    config = parse({"node": {"data_dir": "var", "port": free_port()}, "storage": {"min_free_bytes": 0},
+                    "http": {"port": free_port()}}, base_dir=tmp_path)
+    seen: dict = {}
+    app, expected = _app(files, seen)
+    with caplog.at_level("WARNING", logger="gateway.http"):
+        problems = zerocopy.missing_from(zerocopy.INTERNALS)
+        protocol = zerocopy.http_protocol()
+    monkeypatch.undo()  # uvicorn's own h11 protocol needs the method to serve
+    assert problems == ["uvicorn.protocols.http.h11_impl.H11Protocol.handle_events (method)"]
+    assert protocol == "h11"
+    assert any("H11Protocol.handle_events" in r.getMessage() and "buffers" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setattr("gateway.web.server.http_protocol", lambda: protocol)
+    srv = HttpServer(config, Deps(config=config), app=app).start()
+    try:
+        with httpx.Client(timeout=30) as client:
+            r = client.get(f"http://127.0.0.1:{srv.port}/body")
+        assert seen["extension"] is False  # plain h11 offers no zero-copy message
+        assert r.status_code == 200 and r.content == expected  # the buffered stream, byte-identical
+    finally:
+        srv.shutdown()
