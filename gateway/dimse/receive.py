@@ -389,7 +389,8 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
     req = event.request
     calling = str(assoc.requestor.ae_title).strip()
     req_sop = str(req.AffectedSOPInstanceUID or "")
-    path = Path(event.dataset_path) if event.dataset_path else None  # None: pynetdicom made no file
+    dataset_path = event.dataset_path
+    path = Path(dataset_path) if dataset_path else None  # None: pynetdicom could not make its file
     state = registry.get(assoc) or AssociationState()
     spool = state.spooler.take(path) if state.spooler is not None else None
     counter = state.counter
@@ -428,7 +429,7 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
             "refused SOP %s from AE %s with 0x%04X: %s",
             wire(req_sop, 70), wire(calling, 16), STATUS[result.outcome], wire(result.reason, 300),
         )
-    if state.counter is counter:
+    if spool is None and state.counter is counter:  # public-API mode
         state.counter = _Counter()  # its file is placed or gone: no data set in transit
     metrics.cstore_status(STATUS[result.outcome])
     return _status(result)
