@@ -37,8 +37,6 @@ sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: --baseline DIR: another checkout's gateway pass as tool "baseline" (before/after, same run).
 BASELINE: Path | None = None
-#: --baseline DIR: another checkout's gateway pass as tool "baseline" (before/after, same run).
-BASELINE: Path | None = None
 
 
 def free_port() -> int:
