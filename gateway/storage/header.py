@@ -264,8 +264,9 @@ def _read_meta(buf: bytes) -> tuple[dict[str, str], int]:
 
 _CHARSET_TAG, _PATIENT_ID_TAG = 0x00080005, 0x00100020
 _PATIENT_TAGS = frozenset([_CHARSET_TAG, _PATIENT_ID_TAG])
-#: Character sets whose text ``Header.patient_id`` decodes itself (as qido's fast reading does).
-_SIMPLE_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+#: Character sets whose text the walker's readers (``Header.patient_id``, the QIDO index)
+#: decode themselves; any other goes through pydicom.
+TEXT_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class Header:
         raw = self.raw_values(_PATIENT_TAGS)
         if raw is not None:
             charset = raw.get(_CHARSET_TAG, (None, b""))[1].decode("latin-1").strip("\x00 ")
-            codec = _SIMPLE_CODECS.get(charset)
+            codec = TEXT_CODECS.get(charset)
             if codec is not None:
                 value = raw.get(_PATIENT_ID_TAG, (None, b""))[1].decode(codec, "replace").strip("\x00 ")
                 return value or None

@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from gateway.storage.header import TEXT_CODECS
+
 log = logging.getLogger("gateway.qido")
 
 # The table is made by the migration "instance_attributes" in db.MIGRATIONS.
@@ -105,8 +107,6 @@ def _tag_and_vr(keyword: str) -> tuple[int, str]:
 _RAW = {attr.column[2:]: _tag_and_vr(attr.keyword) for attr in _STORED}
 _CHARSET_TAG = tag_for_keyword("SpecificCharacterSet")
 _RAW_TAGS = frozenset([_CHARSET_TAG, *(tag for tag, _ in _RAW.values())])
-#: Character sets whose text the fast reading decodes itself; any other goes through pydicom.
-_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 #: VRs whose values pydicom strips on both sides (the others keep leading spaces).
 _STRIPPED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
 
@@ -126,7 +126,7 @@ def _decode(raw: dict[int, tuple[bytes | None, bytes]], transfer_syntax: str) ->
     """The column values from raw element bytes; None when pydicom must decide (another
     character set, an unexpected VR)."""
     charset = raw.get(_CHARSET_TAG, (None, b""))[1].decode("latin-1").strip("\x00 ")
-    codec = _CODECS.get(charset)
+    codec = TEXT_CODECS.get(charset)
     if codec is None:
         return None
     little = transfer_syntax != "1.2.840.10008.1.2.2"
