@@ -21,6 +21,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from gateway.dimse.codec import MalformedCommand, command_fields, file_meta_bytes, pdv_items, store_request_bytes
 from gateway.errors import JobError, UnreadableHeader
 from gateway.inbox import arrays, sidecar
+from gateway.storage import qido
 from gateway.storage.header import read_header
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -96,6 +97,9 @@ def test_header_reader_only_raises_unreadable_header(tmp_path_factory, data):
     except UnreadableHeader:
         return
     assert set(header.uids) == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+    raw = header.raw_values(qido._RAW_TAGS)  # the walker's own reading of index values: never raises
+    assert raw is None or set(raw) <= qido._RAW_TAGS
+    assert set(qido.values_of_header(header)) == set(qido.values_of(header.dataset))
 
 
 # --------------------------------------------------------------------------- sidecars
