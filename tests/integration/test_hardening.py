@@ -116,7 +116,9 @@ def test_everything_written_is_private_whatever_the_umask(dcmtk, gateway_factory
     series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     drop_job(inbox(gw), "good", np.ones((3, 64, 64), bool), {"source": {"series_instance_uid": series}})
     drop_job(inbox(gw), "bad", np.ones((2, 64, 64), bool), {"source": {"series_instance_uid": series}})
-    wait_until(lambda: (inbox(gw) / "done" / "good.result.yaml").exists()
+    # result.yaml / error.txt are written first, then the job's files are moved: wait for both
+    wait_until(lambda: (inbox(gw) / "done" / "good.npy").exists() and (inbox(gw) / "failed" / "bad.npy").exists()
+               and (inbox(gw) / "done" / "good.result.yaml").exists()
                and (inbox(gw) / "failed" / "bad.error.txt").exists(), 60, 0.1, "both jobs to finish")
 
     written = [var(gw), *var(gw).rglob("*"), inbox(gw) / "done", inbox(gw) / "failed",
