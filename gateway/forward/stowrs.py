@@ -28,7 +28,10 @@ MAX_WORDS = 300
 #: Retry-After values are honoured up to this many seconds (a day).
 MAX_RETRY_AFTER = 86400.0
 
-ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.5"
+#: What STOW-RS responses we ask for: DICOM JSON, which PS3.18 origin servers support. One
+#: value: Orthanc logs an error line for every request whose Accept lists several. An XML
+#: answer is read all the same.
+ACCEPT = "application/dicom+json"
 
 _REFERENCED_SOP_SEQUENCE = "00081199"
 _FAILED_SOP_SEQUENCE = "00081198"

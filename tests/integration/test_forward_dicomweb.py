@@ -144,6 +144,9 @@ def test_received_series_and_inbox_result_reach_orthanc_byte_identical(
     assert dataset_bytes(in_orthanc) == dataset_bytes(stored)
     assert pydicom.dcmread(io.BytesIO(in_orthanc)).Modality == "SEG"
     assert sorted(orthanc.received()) == sorted([uid_of(p) for p in paths] + [derived[0]["sop_instance_uid"]])
+    # our requests put nothing in the PACS's error log (a list in Accept made Orthanc log an
+    # "Unsupported return MIME type" error line for every request)
+    assert [line for line in orthanc.log.read_text(errors="replace").splitlines() if line.startswith("E")] == []
     log = gw.log()
     assert log.count("sent SOP") == 7
     assert PASSWORD not in log
