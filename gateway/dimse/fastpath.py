@@ -15,6 +15,9 @@ Receiving, per association (``tune_acceptor``, called at EVT_CONN_OPEN):
   sleeping between polls (``_run_loop_delay = 0``).
 * the DIMSE ``msg_queue`` -> ``_ServeAtOnce``: C-STORE/C-ECHO requests are served in the
   DUL thread that decoded them, not by the association thread's 1 ms poll.
+* ``Association._run_reactor`` -> ``_waiting_reactor``: the association thread sleeps until
+  its DUL hands it a primitive or a message (``to_user_queue`` and ``msg_queue`` set an
+  Event) instead of waking every millisecond and taking the GIL from the receiving thread.
 * ``DIMSEServiceProvider.send_msg`` -> plain C-STORE responses hand-encoded
   (``dimse.store_response_bytes``) instead of built through a pydicom Dataset.
 * pynetdicom's standard per-PDU/per-message logging handlers are unbound when its logger
@@ -224,7 +227,87 @@ class _GatewaySocket(AssociationSocket):
         return bool(ready)
 
 
-class _ServeAtOnce(queue.Queue):
+_assoc_log = logging.getLogger("pynetdicom.association")  # pynetdicom's lines, from our reactor too
+#: How often the association thread looks at its DUL when nothing woke it (DUL death, the
+#: idle timer): pynetdicom looks every millisecond.
+REACTOR_TICK = 0.05
+
+
+class _WakingQueue(queue.Queue):
+    """A queue whose ``put`` also sets ``gateway_wake`` (an Event), so a thread can sleep on it."""
+
+    gateway_wake: threading.Event | None = None
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        if self.gateway_wake is not None:
+            self.gateway_wake.set()
+
+
+def _waiting_reactor(assoc, wake: threading.Event) -> None:
+    """pynetdicom's acceptor loop (``Association._run_reactor``) sleeping on ``wake`` instead
+    of waking every millisecond: each wake took the GIL from the DUL thread that receives.
+
+    ``wake`` is set when the DUL hands the association a primitive (release, abort) or a
+    message, and the loop still looks every ``REACTOR_TICK`` for what sets nothing (the DUL
+    thread's end, the idle timer). The checks are pynetdicom 3.0's, in its order.
+    """
+    assoc._is_paused = False
+    while not assoc._kill:
+        wake.wait(REACTOR_TICK)
+        wake.clear()  # before the checks: a put after this wakes the next wait
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            _assoc_log.info("Association Released")
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+        if assoc.acse.is_aborted():
+            line = "Association Aborted"
+            if assoc.acse.is_aborted("a-p-abort"):
+                line += " (A-P-ABORT)"
+            _assoc_log.info(line)
+            assoc.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV for subscribers
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+        if assoc.dul.idle_timer_expired():
+            _assoc_log.error("Network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
+
+
+def _wake_reactor_on_news(assoc) -> None:
+    """Run ``_waiting_reactor`` for this association, woken by its DUL's primitives and messages."""
+    wake = threading.Event()
+    to_user = assoc.dul.to_user_queue
+    to_user.gateway_wake = wake
+    to_user.__class__ = _WakingQueue  # the same object: nothing the DUL already put is lost
+    assoc.dimse.msg_queue.gateway_wake = wake
+    assoc._run_reactor = lambda: _waiting_reactor(assoc, wake)
+
+
+class _ServeAtOnce(_WakingQueue):
     """Stands in for the DIMSE message queue: serves C-STORE/C-ECHO requests immediately.
 
     pynetdicom's association thread polls this queue every millisecond, and the response
@@ -302,6 +385,7 @@ def tune_acceptor(assoc, max_pdu: int, peer: Callable[[], str]) -> None:
         sock.gateway_tls = isinstance(sock.socket, ssl.SSLSocket)
         assoc.dul._run_loop_delay = 0  # the socket wait above paces the DUL loop
     assoc.dimse.msg_queue = _ServeAtOnce(assoc)
+    _wake_reactor_on_news(assoc)
     _fast_store_responses(assoc.dimse)
     _bound_message_buffers(assoc, peer)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):

@@ -56,6 +56,14 @@ FAST_PATH: tuple[tuple[str, str, str], ...] = (
     ("pynetdicom.dimse", "DIMSEServiceProvider.message", "instance attribute"),
     ("pynetdicom.dimse", "DIMSEServiceProvider.send_msg", "method"),
     ("pynetdicom.association", "Association._serve_request", "method"),
+    ("pynetdicom.association", "Association._run_reactor", "method"),
+    ("pynetdicom.association", "Association._kill", "instance attribute"),
+    ("pynetdicom.association", "Association._is_paused", "instance attribute"),
+    ("pynetdicom.association", "Association._reactor_checkpoint", "instance attribute"),
+    ("pynetdicom.association", "Association.network_timeout_response", "instance attribute"),
+    ("pynetdicom.dimse", "DIMSEServiceProvider.get_msg", "method"),
+    ("pynetdicom.dul", "DULServiceProvider.idle_timer_expired", "method"),
+    ("pynetdicom.acse", "ACSE.is_release_requested", "method"),
     ("pynetdicom.association", "Association._accepted_cx", "instance attribute"),
 )
 
