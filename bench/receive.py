@@ -39,8 +39,9 @@ What each step bought (py-spy profiles between steps; single rounds, so roughly)
     small corpus 50 s -> 4 s; CT 99/s -> 120-160/s.
 
 What limits it now, against DCMTK: per message, pynetdicom's pure-Python DUL/DIMSE layers
-(PDU decode, command-set decode through pydicom Datasets, its state machine and queues, the
-association thread's 1 ms poll for release/abort) take ~2 ms of CPU; each instance costs
+(PDU decode, command-set decode through pydicom Datasets, its state machine and queues;
+the association thread's 1 ms poll for release/abort until the fast path made it sleep on its
+DUL's queues, 2026-12-01) take ~2 ms of CPU; each instance costs
 three synchronous disk flushes (spool file fsync, folder fsync after the rename, SQLite WAL
 commit), ~1 ms on this disk; on CT, each 128 KiB PDU is copied four times in Python. DCMTK
 storescp neither fsyncs nor indexes.
