@@ -53,14 +53,13 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEnd
 PIXEL_DATA_TAG = 0x7FE00010
 #: Float Pixel Data, Double Float Pixel Data and Pixel Data: where a header ends.
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, PIXEL_DATA_TAG)
-#: Series Instance UID: the last of the identifying UIDs; the fast walk stops after it.
-LAST_UID_TAG = 0x0020000E
 UID_TAGS = {
     0x00080016: "SOPClassUID",
     0x00080018: "SOPInstanceUID",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
 }
+_UID_TAG_SET = frozenset(UID_TAGS)
 #: The keywords of the UIDs every header carries (``Header.uids``).
 UID_KEYWORDS = tuple(UID_TAGS.values())
 _META_TAGS = {
@@ -138,27 +137,8 @@ def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool, count: li
 
 def _read_uids(buf: bytes, explicit: bool, little: bool, whole: bool) -> dict[str, str | None]:
     """The identifying UIDs from the data set bytes ``buf`` (``whole``: nothing follows them)."""
-    found: dict[str, str | None] = dict.fromkeys(UID_KEYWORDS)
-    pos = 0
-    while True:
-        if pos >= len(buf):
-            if whole:
-                return found
-            raise _NeedMore
-        tag, vr, length, header = _element_at(buf, pos, explicit, little)
-        if tag > LAST_UID_TAG:
-            return found
-        pos += header
-        if length == _UNDEFINED:
-            if explicit and vr not in (b"SQ", b"UN"):
-                raise _Odd
-            pos = _skip_sequence(buf, pos, explicit, little)
-            continue
-        if tag in UID_TAGS:
-            if pos + length > len(buf):
-                raise _NeedMore
-            found[UID_TAGS[tag]] = _text(buf[pos:pos + length])
-        pos += length
+    raw = _raw_values(buf, explicit, little, whole, _UID_TAG_SET)
+    return {keyword: (_text(raw[tag][1]) if tag in raw else None) for tag, keyword in UID_TAGS.items()}
 
 
 def _raw_values(buf: bytes, explicit: bool, little: bool, whole: bool,
