@@ -358,9 +358,17 @@ class GatewayProcess:
         log.close()
         http = self.config.get("http") or {}
         http_port = http.get("port") if http.get("enabled", True) else None
-        wait_until(lambda: self.proc.poll() is not None or (
-            port_open(self.port) and (http_port is None or port_open(http_port))), timeout, 0.05,
-            "the gateway to listen")
+        # Each port is probed until it answers, then left alone: a bare connect costs the
+        # public-API listener a pynetdicom association, and twenty a second starved the start.
+        waiting = [self.port] + ([http_port] if http_port is not None else [])
+
+        def listening() -> bool:
+            while waiting and port_open(waiting[0]):
+                waiting.pop(0)
+            return not waiting
+
+        wait_until(lambda: self.proc.poll() is not None or listening(), timeout, 0.05,
+                   "the gateway to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"gateway exited at start: {self.log()[-3000:]}")
 
