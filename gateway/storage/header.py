@@ -16,6 +16,7 @@ whose UIDs lie beyond the head, are read from disk up to the budget.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -83,20 +84,27 @@ class _Odd(Exception):
 # --------------------------------------------------------------------------- the walker
 
 
+#: (group, element, VR, 2-byte length) and (group, element, 4-byte length), by byte order;
+#: ``unpack_from`` reads them without slicing the buffer (this walk runs for every instance).
+_EXPLICIT = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
+_IMPLICIT = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
+_LONG_LENGTH = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+
+
 def _element_at(buf: bytes, pos: int, explicit: bool, little: bool) -> tuple[int, bytes | None, int, int]:
     """(tag, VR, value length, header length) of the element at ``pos``."""
     if pos + 8 > len(buf):
         raise _NeedMore
-    order = "little" if little else "big"
-    tag = (int.from_bytes(buf[pos:pos + 2], order) << 16) | int.from_bytes(buf[pos + 2:pos + 4], order)
-    if not explicit or tag >> 16 == 0xFFFE:
-        return tag, None, int.from_bytes(buf[pos + 4:pos + 8], order), 8
-    vr = bytes(buf[pos + 4:pos + 6])
-    if vr in _LONG_VRS:
-        if pos + 12 > len(buf):
-            raise _NeedMore
-        return tag, vr, int.from_bytes(buf[pos + 8:pos + 12], order), 12
-    return tag, vr, int.from_bytes(buf[pos + 6:pos + 8], order), 8
+    if explicit:
+        group, element, vr, length = _EXPLICIT[little].unpack_from(buf, pos)
+        if group != 0xFFFE:
+            if vr in _LONG_VRS:
+                if pos + 12 > len(buf):
+                    raise _NeedMore
+                return (group << 16) | element, vr, _LONG_LENGTH[little].unpack_from(buf, pos + 8)[0], 12
+            return (group << 16) | element, vr, length, 8
+    group, element, length = _IMPLICIT[little].unpack_from(buf, pos)
+    return (group << 16) | element, None, length, 8
 
 
 def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool, count: list[int] | None = None) -> int:
