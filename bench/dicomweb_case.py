@@ -8,7 +8,11 @@ target Orthanc (DICOMweb plugin):
 - dicomweb-client: ``DICOMwebClient.store_instances`` with 50 data sets per call, in a child
   process that reads the files with pydicom first (that client takes data sets);
 - Orthanc: a second Orthanc holding the study pushes it with its own STOW-RS client
-  (``POST /dicom-web/servers/target/stow``, synchronous).
+  (``POST /dicom-web/servers/target/stow``, synchronous);
+- curl-prebuilt, the receiver's floor: curl uploads a multipart body built before the clock
+  starts (every instance, a Content-Length per part, one chunked request). No sender on one
+  connection can deliver sooner, so ``dicomweb-client / curl-prebuilt`` is the highest ratio
+  to dicomweb-client that the receiving Orthanc allows on this machine.
 
 The yardstick is the **delivered** time, the same for all three: from the moment the sender
 starts sending (after Python start-up for the two child processes) to the moment the target
@@ -129,6 +133,19 @@ class _Delivery:
         return self.done_wall
 
 
+_FLOOR_BOUNDARY = "floor-5c2d9a"
+
+
+def _write_floor_body(files: list[Path], path: Path) -> None:
+    """The whole corpus as one STOW-RS body (a Content-Length per part), for curl-prebuilt."""
+    with open(path, "wb") as out:
+        for f in files:
+            data = f.read_bytes()
+            out.write(f"--{_FLOOR_BOUNDARY}\r\nContent-Type: application/dicom\r\n"
+                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data + b"\r\n")
+        out.write(f"--{_FLOOR_BOUNDARY}--\r\n".encode())
+
+
 def _variant(spec: str) -> tuple[str, int, bool]:
     """'8' -> ('gateway-8MiB', 8 MiB, chunked); '64L' -> ('gateway-64MiB-length', 64 MiB, not chunked)."""
     length = spec.upper().endswith("L")
@@ -203,6 +220,12 @@ def run(args, folder: Path, files: list[Path], env: dict, bench_file: str) -> No
                 cmd = [sys.executable, bench_file, "_dwpass", str(cfg_path), dest]
             elif tool == "dicomweb-client":
                 cmd = [sys.executable, bench_file, "_dwclient", url, str(files[0].parent), "50"]
+            elif tool == "curl-prebuilt":
+                cmd = ["curl", "-sS", "-o", str(folder / "floor-answer.json"), "-w", "%{http_code}",
+                       "-X", "POST", "-T", str(floor_body), "-H", "Expect:",
+                       "-H", "Transfer-Encoding: chunked", "-H", "Accept: application/dicom+json",
+                       "-H", f'Content-Type: multipart/related; type="application/dicom"; boundary={_FLOOR_BOUNDARY}',
+                       f"{url}/studies"]
             else:
                 cmd = None
             delivery = _Delivery(target, len(files))
@@ -213,6 +236,13 @@ def run(args, folder: Path, files: list[Path], env: dict, bench_file: str) -> No
                       json.dumps({"Resources": [study], "Synchronous": True}).encode())
                 out["sent"] = len(files)
                 out["send_seconds"] = time.monotonic() - start  # the synchronous REST call
+            elif tool == "curl-prebuilt":
+                out = {"start_wall": time.time()}
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+                if proc.returncode != 0 or proc.stdout.strip() != "200":
+                    raise SystemExit(f"curl exited {proc.returncode}, HTTP {proc.stdout}: {proc.stderr[-2000:]}")
+                out["sent"] = len(files)
+                out["send_seconds"] = time.monotonic() - start
             else:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
                 if proc.returncode != 0:
@@ -225,7 +255,9 @@ def run(args, folder: Path, files: list[Path], env: dict, bench_file: str) -> No
             out["delivered"] = done_wall - out["start_wall"]
             return out
 
-        tools = [*variants, "dicomweb-client", "orthanc-stow"]
+        floor_body = folder / "floor-body.bin"
+        _write_floor_body(files, floor_body)
+        tools = [*variants, "dicomweb-client", "orthanc-stow", "curl-prebuilt"]
         load_before = os.getloadavg()
         print(f"\nDICOMweb (STOW-RS) to Orthanc's DICOMweb plugin: {len(files)} instances, {total_mb:.1f} MB; "
               f"{args.rounds} rounds, order rotated each round; receiving Orthanc settings: "
@@ -244,6 +276,7 @@ def run(args, folder: Path, files: list[Path], env: dict, bench_file: str) -> No
         dlv = {t: statistics.median(x["delivered"] for x in v) for t, v in results.items()}
         peak = {t: max(x["peak_rss_mb"] for x in v) for t, v in results.items() if "peak_rss_mb" in v[0]}
         peak["orthanc-stow"] = _vm_hwm_mb(source.proc.pid)
+        peak["curl-prebuilt"] = float("nan")  # not measured: curl streams the prebuilt body from disk
         print(f"\n  medians; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
         print(f"  {'tool':22} {'delivered':>9} {'inst/s':>7} {'MB/s':>6} {'own fig.':>9} {'process':>8} "
               f"{'peak RSS MB':>12}")
@@ -260,6 +293,10 @@ def run(args, folder: Path, files: list[Path], env: dict, bench_file: str) -> No
                   f"own figures {send['orthanc-stow'] / send[tool]:.2f}x, "
                   f"processes {med['orthanc-stow'] / med[tool]:.2f}x")
         print("  (orthanc-stow peak RSS is the source Orthanc's lifetime high-water mark, corpus upload included)")
+        floor = dlv["curl-prebuilt"]
+        for tool in variants:
+            print(f"  {tool} delivered / the receiver's floor (curl-prebuilt): {dlv[tool] / floor:.2f}x the floor's time; "
+                  f"the highest ratio to dicomweb-client this receiver allows: {dlv['dicomweb-client'] / floor:.2f}x")
 
         sizes = [int(x) for x in str(getattr(args, "memory_sizes", "1,16,64,256")).split(",") if x.strip()]
         print("\n  gateway peak RSS by max_request_bytes (memory must not grow with the request size):")
