@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sqlite3
 import sys
 import time
@@ -104,6 +105,9 @@ def _watch_status(config: Config, args) -> int:
     from gateway import status
 
     tty = sys.stdout.isatty()
+    # Ctrl-C stops the watch even when started with SIGINT ignored (a background job of a
+    # shell without job control inherits that, and Python then never raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:

@@ -161,9 +161,12 @@ def test_status_watch_refreshes_until_interrupted(tmp_path, ct_series):
 
 def test_status_watch_json_prints_one_object_per_refresh(tmp_path):
     config = _send_config(tmp_path)
+    # Started with SIGINT ignored, as a background job of a shell without job control is:
+    # the watch must still stop on it.
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "status", "--watch", "--json", "--interval", "0.2", "-c", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
     finally:
