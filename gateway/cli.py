@@ -105,9 +105,6 @@ def _watch_status(config: Config, args) -> int:
     from gateway import status
 
     tty = sys.stdout.isatty()
-    # Ctrl-C stops the watch even when started with SIGINT ignored (a background job of a
-    # shell without job control inherits that, and Python then never raises KeyboardInterrupt).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:
@@ -338,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C stops every command (130 below; ``run`` and ``status --watch`` end cleanly) even
+    # when started with SIGINT ignored: a background job of a shell without job control
+    # inherits that, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except ConfigError as exc:
