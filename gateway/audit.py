@@ -155,6 +155,11 @@ class Tally:
             if patient_id:
                 self.patients.setdefault(study_uid, patient_id)
 
+    def has_patient(self, study_uid: str) -> bool:
+        """Whether the study's Patient ID is known (the first one found is the one recorded)."""
+        with self.lock:
+            return study_uid in self.patients
+
     def set_patient(self, study_uid: str, patient_id: str | None) -> None:
         if patient_id:
             with self.lock:

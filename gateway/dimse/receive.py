@@ -418,8 +418,9 @@ def _on_store(event, store: Store, on_queued: Callable[[Iterable[str]], None],
         log.info("received SOP %s from AE %s (%d bytes)", result.sop_instance_uid, wire(calling, 16),
                  result.size)
         if state.tally is not None:
-            state.tally.add(str(result.header.study_uid), str(result.header.series_uid), result.size or 0,
-                            _patient_id(result.header))
+            study = str(result.header.study_uid)  # its Patient ID once: a header walk per instance
+            state.tally.add(study, str(result.header.series_uid), result.size or 0,
+                            None if state.tally.has_patient(study) else _patient_id(result.header))
         metrics.received(calling, result.size or 0, time.monotonic() - started)
         if result.queued_for:
             log.info("queued SOP %s for %s", result.sop_instance_uid, ", ".join(result.queued_for))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -143,9 +144,7 @@ def _skip_sequence(buf: bytes, pos: int, explicit: bool, little: bool, count: li
                 pos += length
 
 
-def _read_uids(buf: bytes, explicit: bool, little: bool, whole: bool) -> dict[str, str | None]:
-    """The identifying UIDs from the data set bytes ``buf`` (``whole``: nothing follows them)."""
-    raw = _raw_values(buf, explicit, little, whole, _UID_TAG_SET)
+def _uids_from(raw: dict[int, tuple[bytes | None, bytes]]) -> dict[str, str | None]:
     return {keyword: (_text(raw[tag][1]) if tag in raw else None) for tag, keyword in UID_TAGS.items()}
 
 
@@ -153,31 +152,66 @@ def _raw_values(buf: bytes, explicit: bool, little: bool, whole: bool,
                 wanted: frozenset[int]) -> dict[int, tuple[bytes | None, bytes]]:
     """(VR or None when implicit, raw value) of the ``wanted`` top-level tags in the data set
     bytes ``buf``, walking no further than the largest of them (or Pixel Data)."""
-    last = min(max(wanted), PIXEL_DATA_TAG - 1)
-    found: dict[int, tuple[bytes | None, bytes]] = {}
-    pos = count = 0
-    while True:
-        if pos >= len(buf):
-            if whole:
-                return found
-            raise _NeedMore
-        tag, vr, length, header = _element_at(buf, pos, explicit, little)
-        if tag > last:
+    return _Walk(buf, explicit, little, whole).values(wanted)
+
+
+class _Walk:
+    """One walk over the top-level elements of the data set bytes ``buf``, resumed where the last
+    request stopped: the UIDs, the search index's values and the audit's Patient ID of one
+    received instance cost one pass, not three. Remembers where each element's value lies."""
+
+    def __init__(self, buf: bytes, explicit: bool, little: bool, whole: bool):
+        self.buf, self.explicit, self.little, self.whole = buf, explicit, little, whole
+        self._pos = self._count = 0  # the next element to read; elements and items walked
+        self._passed = -1  # the largest tag walked past
+        self._next_tag: int | None = None  # the tag at _pos, when read and not walked past
+        self._ended = False  # the end of the data set, Pixel Data or the element budget
+        self._seen: dict[int, tuple[bytes | None, int, int]] = {}  # tag -> (VR, value start, length)
+        self._lock = threading.Lock()  # a header may be read by two threads (STOW's workers)
+
+    def values(self, wanted: frozenset[int]) -> dict[int, tuple[bytes | None, bytes]]:
+        """Raises ``_NeedMore`` (``buf`` ends before them) or ``_Odd`` (pydicom must read it)."""
+        last = min(max(wanted), PIXEL_DATA_TAG - 1)
+        buf = self.buf
+        with self._lock:
+            if not self._ended and last > self._passed and (self._next_tag is None or self._next_tag <= last):
+                self._walk_to(last)
+            found: dict[int, tuple[bytes | None, bytes]] = {}
+            for tag in wanted:
+                at = self._seen.get(tag)
+                if at is not None:
+                    vr, start, length = at
+                    if start + length > len(buf):
+                        raise _NeedMore
+                    found[tag] = (vr, bytes(buf[start:start + length]))
             return found
-        count += 1
-        if count > HEADER_ELEMENT_BUDGET:
-            return found  # what lies past the budget is not part of the header
-        pos += header
-        if length == _UNDEFINED:
-            if explicit and vr not in (b"SQ", b"UN"):
-                raise _Odd
-            pos = _skip_sequence(buf, pos, explicit, little)
-            continue
-        if tag in wanted:
-            if pos + length > len(buf):
-                raise _NeedMore
-            found[tag] = (vr, bytes(buf[pos:pos + length]))
-        pos += length
+
+    def _walk_to(self, last: int) -> None:
+        buf, explicit, little, seen = self.buf, self.explicit, self.little, self._seen
+        while True:
+            pos = self._pos
+            if pos >= len(buf):
+                if not self.whole:
+                    raise _NeedMore
+                self._ended = True
+                return
+            tag, vr, length, header = _element_at(buf, pos, explicit, little)
+            if tag > last:
+                self._next_tag = tag
+                return
+            self._count += 1
+            if self._count > HEADER_ELEMENT_BUDGET:
+                self._ended = True  # what lies past the budget is not part of the header
+                return
+            if length == _UNDEFINED:
+                if explicit and vr not in (b"SQ", b"UN"):
+                    raise _Odd
+                self._pos = _skip_sequence(buf, pos + header, explicit, little)
+            else:
+                seen[tag] = (vr, pos + header, length)
+                self._pos = pos + header + length
+            self._passed = max(self._passed, tag)
+            self._next_tag = None
 
 
 def _complete_prefix(buf: bytes, explicit: bool, little: bool) -> int:
@@ -269,6 +303,7 @@ class Header:
     data: bytes = field(repr=False, default=b"")  # the data set's first bytes (inflated if deflated)
     whole: bool = field(repr=False, default=True)  # ``data`` is the whole data set
     path: Path | None = field(repr=False, default=None)  # where the file is, to read past a short head
+    walk: _Walk | None = field(repr=False, compare=False, default=None)  # over ``data``, shared by every reader
 
     @property
     def sop_class_uid(self) -> str | None:
@@ -292,9 +327,10 @@ class Header:
         structure is one the walker leaves to pydicom: then use ``dataset``."""
         explicit, little = _syntax_flags(self.transfer_syntax)
         data, whole = self.data, self.whole
+        walk = self.walk if self.walk is not None else _Walk(data, explicit, little, whole)
         for _ in range(2):
             try:
-                return _raw_values(data, explicit, little, whole, tags)
+                return walk.values(tags)
             except _Odd:
                 return None
             except _NeedMore:
@@ -304,6 +340,7 @@ class Header:
                     f.seek(self.dataset_offset)
                     data = f.read(HEADER_BUDGET)
                 whole = len(data) < HEADER_BUDGET
+                walk = _Walk(data, explicit, little, whole)
         return None
 
     @property
@@ -424,12 +461,13 @@ def _from_bytes(buf: bytes, whole: bool, path: Path) -> Header:
     explicit, little = _syntax_flags(ts)
     data = bytes(buf[offset:offset + HEADER_BUDGET])
     data_whole = whole and offset + HEADER_BUDGET >= len(buf)
+    walk = _Walk(data, explicit, little, data_whole)
     try:
-        uids = _read_uids(data, explicit, little, data_whole)
+        uids = _uids_from(walk.values(_UID_TAG_SET))
     except _Odd:
         uids = _uids_of(_parse_dataset(data, ts))
     return Header(ts, offset, meta.get("MediaStorageSOPClassUID"),
-                  meta.get("MediaStorageSOPInstanceUID"), uids, data, data_whole, path)
+                  meta.get("MediaStorageSOPInstanceUID"), uids, data, data_whole, path, walk)
 
 
 def _inflate(f, offset: int) -> tuple[bytes, bool]:
@@ -483,9 +521,10 @@ def read_header(path: Path, head: bytes | None = None) -> Header:
         else:  # the UIDs lie beyond the budget, or the data set is cut short
             data = bytes(buf[offset:offset + HEADER_BUDGET])
             whole = whole and len(buf) - offset <= HEADER_BUDGET
+    walk = _Walk(data, *_syntax_flags(ts), whole)
     try:
-        uids = _read_uids(data, *_syntax_flags(ts), whole)
+        uids = _uids_from(walk.values(_UID_TAG_SET))
     except (_NeedMore, _Odd):
         uids = _uids_of(_parse_dataset(data, ts))
     return Header(ts, offset, meta.get("MediaStorageSOPClassUID"),
-                  meta.get("MediaStorageSOPInstanceUID"), uids, data, whole, path)
+                  meta.get("MediaStorageSOPInstanceUID"), uids, data, whole, path, walk)

@@ -145,3 +145,25 @@ def test_a_file_meta_without_transfer_syntax_is_refused(tmp_path):
     path.write_bytes(out.getvalue() + b"\x08\x00\x18\x00UI\x06\x001.2.3\0")
     with pytest.raises(UnreadableHeader, match="Transfer Syntax UID"):
         read_header(path)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("head", [HEAD_BYTES, 600])
+def test_one_shared_walk_answers_as_a_fresh_walk_per_request(tmp_path, name, head):
+    """The UIDs, the search index's values and the Patient ID share one resumed walk: in any order of
+    requests (later tags first, earlier ones after) each answer equals a walk of its own."""
+    from gateway.storage import qido
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    data = spooled(ds, ExplicitVRLittleEndian)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    requests = [qido._RAW_TAGS, header_mod._PATIENT_TAGS, frozenset([0x00080016]),
+                frozenset([0x00200013, 0x00100010]), frozenset([0x7FE00010, 0x00280010])]
+    for order in (requests, requests[::-1]):
+        shared = read_header(path, head=data[:head])
+        for tags in order:
+            fresh = read_header(path, head=data[:head])
+            fresh = header_mod.Header(**{**fresh.__dict__, "walk": None})  # its own walk, from scratch
+            assert shared.raw_values(tags) == fresh.raw_values(tags), sorted(tags)
+        assert shared.patient_id == ds.get("PatientID", None) or None

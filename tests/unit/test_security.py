@@ -219,6 +219,8 @@ def test_patient_objects_in_instances_transferred():
     tally.add("1.2.1", "1.2.1.2", 10, None)
     tally.add("1.2.2", "1.2.2.1", 10, "PAT-1")  # a second study of the same patient
     tally.add("1.2.3", "1.2.3.1", 10)  # no Patient ID known: no patient object for it
+    # receive reads a study's Patient ID only until one is known
+    assert tally.has_patient("1.2.1") and tally.has_patient("1.2.2") and not tally.has_patient("1.2.3")
     objects = tally.objects()
     assert [o["ParticipantObjectID"] for o in objects] == ["1.2.1", "1.2.2", "1.2.3", "PAT-1"]
     assert objects[-1] == {"ParticipantObjectID": "PAT-1", "ParticipantObjectTypeCode": 1,
