@@ -20,8 +20,9 @@ def key_path(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
-def show(value: Any, limit: int = 80) -> str:
-    """A value as the user wrote it (YAML flow style for collections), cut to ``limit``."""
+def show(value: Any, limit: int = 240) -> str:
+    """A value as the user wrote it (YAML flow style for collections), cut to ``limit``: long
+    enough that a file's path shows whole, short enough that a pasted key does not fill the screen."""
     if isinstance(value, (dict, list)):
         text = yaml.safe_dump(value, default_flow_style=True).strip()
     else:
