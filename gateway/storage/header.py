@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -158,7 +157,8 @@ def _raw_values(buf: bytes, explicit: bool, little: bool, whole: bool,
 class _Walk:
     """One walk over the top-level elements of the data set bytes ``buf``, resumed where the last
     request stopped: the UIDs, the search index's values and the audit's Patient ID of one
-    received instance cost one pass, not three. Remembers where each element's value lies."""
+    received instance cost one pass, not three. Remembers where each element's value lies. Like
+    the Header's cached properties, one thread at a time (ingest hands a header on, never shares it)."""
 
     def __init__(self, buf: bytes, explicit: bool, little: bool, whole: bool):
         self.buf, self.explicit, self.little, self.whole = buf, explicit, little, whole
@@ -167,24 +167,22 @@ class _Walk:
         self._next_tag: int | None = None  # the tag at _pos, when read and not walked past
         self._ended = False  # the end of the data set, Pixel Data or the element budget
         self._seen: dict[int, tuple[bytes | None, int, int]] = {}  # tag -> (VR, value start, length)
-        self._lock = threading.Lock()  # a header may be read by two threads (STOW's workers)
 
     def values(self, wanted: frozenset[int]) -> dict[int, tuple[bytes | None, bytes]]:
         """Raises ``_NeedMore`` (``buf`` ends before them) or ``_Odd`` (pydicom must read it)."""
         last = min(max(wanted), PIXEL_DATA_TAG - 1)
         buf = self.buf
-        with self._lock:
-            if not self._ended and last > self._passed and (self._next_tag is None or self._next_tag <= last):
-                self._walk_to(last)
-            found: dict[int, tuple[bytes | None, bytes]] = {}
-            for tag in wanted:
-                at = self._seen.get(tag)
-                if at is not None:
-                    vr, start, length = at
-                    if start + length > len(buf):
-                        raise _NeedMore
-                    found[tag] = (vr, bytes(buf[start:start + length]))
-            return found
+        if not self._ended and last > self._passed and (self._next_tag is None or self._next_tag <= last):
+            self._walk_to(last)
+        found: dict[int, tuple[bytes | None, bytes]] = {}
+        for tag in wanted:
+            at = self._seen.get(tag)
+            if at is not None:
+                vr, start, length = at
+                if start + length > len(buf):
+                    raise _NeedMore
+                found[tag] = (vr, bytes(buf[start:start + length]))
+        return found
 
     def _walk_to(self, last: int) -> None:
         buf, explicit, little, seen = self.buf, self.explicit, self.little, self._seen
